@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 from grape_lightning.data.char_tokenizer import (
     CHAR_TOKENIZER_NAME,
+    CHAT_TEMPLATE,
     build_char_tokenizer,
     is_char_tokenizer_name,
 )
@@ -82,7 +83,8 @@ def test_batch_padding_on_the_right_with_pad_id_zero(tokenizer):
     assert batch["attention_mask"] == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
-def test_chat_template_renders_conversations(tokenizer):
+def test_chat_template_renders_conversations():
+    tokenizer = build_char_tokenizer(chat_template=CHAT_TEMPLATE)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2="}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == "system: Be brief.\nuser: 2+2=\nassistant: "

@@ -1,0 +1,5 @@
+"""Built-in tasks, user JSONL data and the DataModules."""
+
+from grape_lightning.data.sft import SFTDataModule
+
+__all__ = ["SFTDataModule"]

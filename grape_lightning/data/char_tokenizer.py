@@ -18,7 +18,8 @@ PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 CHARACTERS = tuple(chr(code) for code in range(32, 127)) + ("\n",)
 
-# Plain "role: content" lines, so conversational (messages) prompts work with this tokenizer too.
+# Plain "role: content" lines: a template for conversational prompts, attached on request. The tiny
+# models see plain-text prompts by default, which keeps their sequences short.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
@@ -30,7 +31,7 @@ def is_char_tokenizer_name(name: object) -> bool:
     return name == CHAR_TOKENIZER_NAME
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
+def build_char_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
     """The character tokenizer: ids 0-3 are <pad>, <s>, </s>, <unk>, then printable ASCII and "\\n".
 
     Every character is its own token and nothing is added around the text, so ``tokenizer(text)``
@@ -52,5 +53,5 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=UNK_TOKEN,
         padding_side="right",
         clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )

@@ -1,0 +1,51 @@
+"""The LightningModule base every algorithm extends: models, optimizer, plain hyper-parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import lightning as L
+
+from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer
+from grape_lightning.models.policy_mixin import PolicyModelsMixin
+from grape_lightning.models.spec import ModelSpec
+
+
+def as_dataclass(value: Any, cls: type) -> Any:
+    """Accept a dataclass instance or its fields as a dict (as stored in checkpoints)."""
+    return cls(**value) if isinstance(value, dict) else value
+
+
+def _plain(value: Any) -> Any:
+    """Checkpoints hold only plain types, so they load with ``torch.load(weights_only=True)``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+class PolicyModule(PolicyModelsMixin, L.LightningModule):
+    """Base of the algorithm modules. Subclasses call :meth:`build_models` and define the steps."""
+
+    def __init__(self, optimizer: OptimizerConfig | dict | None = None) -> None:
+        super().__init__()
+        self.optimizer_config: OptimizerConfig = as_dataclass(optimizer, OptimizerConfig) or OptimizerConfig()
+
+    def save_plain_hyperparameters(self, **values: Any) -> None:
+        """``save_hyperparameters`` with dataclasses turned into dicts."""
+        caller = inspect.currentframe().f_back  # type: ignore[union-attr]  # the subclass __init__
+        self.save_hyperparameters(ignore=list(values), frame=caller)
+        self.hparams.update({key: _plain(value) for key, value in values.items()})
+
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps the schedule spans (the Trainer's estimate unless a subclass knows better)."""
+        return int(self.trainer.estimated_stepping_batches)
+
+    def configure_optimizers(self) -> dict:
+        trained = [self.policy] + ([self.value_model] if self.value_model is not None else [])
+        return build_optimizer(trained, self.optimizer_config, self.total_optimizer_steps())

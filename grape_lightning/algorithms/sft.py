@@ -1,0 +1,50 @@
+"""Supervised fine-tuning: maximise the likelihood of the demonstration responses."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from grape_lightning.algorithms.base import PolicyModule, as_dataclass
+from grape_lightning.algorithms.optim import OptimizerConfig
+from grape_lightning.losses.sft import sft_loss
+from grape_lightning.models.spec import ModelSpec
+
+
+class SFTModule(PolicyModule):
+    """Completion-only SFT: L = -mean over response tokens of log pi_theta(y_t | x, y_<t).
+
+    Batches come from :class:`~grape_lightning.data.sft.SFTDataModule` (padded or packed).
+    Logs ``train/loss``, ``train/token_accuracy`` and the same under ``val/``.
+    """
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        optimizer: OptimizerConfig | None = None,
+        gradient_checkpointing: bool = False,
+        logprob_chunk_size: int = 1024,
+    ) -> None:
+        super().__init__(optimizer)
+        policy = as_dataclass(policy, ModelSpec)
+        self.save_plain_hyperparameters(policy=policy, optimizer=self.optimizer_config)
+        self.build_models(policy, gradient_checkpointing=gradient_checkpointing)
+        self.logprob_chunk_size = logprob_chunk_size
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        token = self.policy_logprobs(batch, chunk_size=self.logprob_chunk_size, with_top1=True)
+        loss, metrics = sft_loss(token.logprobs, batch["response_mask"])
+        num_tokens = int(metrics["num_response_tokens"])
+        correct = (token.top1 & batch["response_mask"].bool()).sum()
+        # Weighted by response tokens, so epoch values are exact token means across batches.
+        log = {"on_step": stage == "train", "on_epoch": stage != "train", "batch_size": max(num_tokens, 1), "sync_dist": stage != "train"}
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **log)
+        self.log(f"{stage}/token_accuracy", correct.float() / max(num_tokens, 1), **log)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")

@@ -1,0 +1,5 @@
+from grape_lightning.callbacks.hf_export import HFExport, export_atomically
+from grape_lightning.callbacks.task_accuracy import GreedyTaskAccuracy
+from grape_lightning.callbacks.throughput import TokenThroughput
+
+__all__ = ["GreedyTaskAccuracy", "HFExport", "TokenThroughput", "export_atomically"]

@@ -1,0 +1,57 @@
+"""Export the trained policy in Hugging Face format."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning as L
+
+
+def export_atomically(pl_module: L.LightningModule, directory: str | Path) -> Path:
+    """Write ``pl_module.export_hf`` output into ``directory`` so a crash never leaves it half-written.
+
+    The export goes to a temporary sibling first and replaces ``directory`` by renames.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    pl_module.export_hf(staging)  # type: ignore[operator]
+    retired = None
+    if directory.exists():
+        retired = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(directory, retired)
+    os.replace(staging, directory)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+    return directory
+
+
+class HFExport(L.Callback):
+    """At the end of ``fit`` (and optionally after every validation), save the policy and tokenizer
+    with ``save_pretrained`` to ``dirpath`` (default: ``<log dir>/hf``)."""
+
+    def __init__(self, dirpath: str | None = None, every_validation: bool = False) -> None:
+        self.dirpath = dirpath
+        self.every_validation = every_validation
+
+    def _target(self, trainer: L.Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "hf"
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            export_atomically(pl_module, self._target(trainer))
+        trainer.strategy.barrier()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_validation and not trainer.sanity_checking:
+            self._export(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._export(trainer, pl_module)

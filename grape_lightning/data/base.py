@@ -1,0 +1,98 @@
+"""What every DataModule of the library shares: the tokenizer link to the model and resumable loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from grape_lightning.data.formatting import uses_chat_template
+from grape_lightning.data.resumable_loader import ResumableDataLoader
+
+
+class TokenizedDataModule(L.LightningDataModule):
+    """Base DataModule.
+
+    ``tokenizer=None`` takes the tokenizer (and chat-template choice) of the LightningModule being
+    trained, so one field of the YAML (the model's) sets both; a string loads that tokenizer.
+    Loaders shuffle by (seed, epoch), shard by rank, and resume mid-epoch from a checkpoint.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        chat_template: bool | None = None,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tokenizer_name = tokenizer
+        self.chat_template_choice = chat_template
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._chat_template: bool | None = None
+
+    def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool | None = None) -> None:
+        """Use this tokenizer (for code that drives the DataModule without a Trainer)."""
+        self._tokenizer = tokenizer
+        self._chat_template = uses_chat_template(tokenizer, chat_template)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._resolve_tokenizer()
+        assert self._tokenizer is not None
+        return self._tokenizer
+
+    @property
+    def chat_template(self) -> bool:
+        if self._chat_template is None:
+            self._resolve_tokenizer()
+        return bool(self._chat_template)
+
+    def _resolve_tokenizer(self) -> None:
+        if self.tokenizer_name is not None:
+            from grape_lightning.models.loading import load_tokenizer
+
+            self.set_tokenizer(load_tokenizer(self.tokenizer_name), self.chat_template_choice)
+            return
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or not hasattr(module, "tokenizer"):
+            raise RuntimeError(
+                f"{type(self).__name__} has no tokenizer: give 'tokenizer', attach it to a Trainer with a "
+                "grape_lightning module, or call set_tokenizer()"
+            )
+        choice = self.chat_template_choice
+        if choice is None and hasattr(module, "policy_spec"):
+            choice = module.policy_spec.chat_template
+        self.set_tokenizer(module.tokenizer, choice)
+
+    def _world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
+    def make_loader(
+        self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any], *, train: bool
+    ) -> ResumableDataLoader:
+        world_size, rank = self._world()
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            collate_fn=collate_fn,
+            shuffle=train,
+            seed=self.seed,
+            num_replicas=world_size,
+            rank=rank,
+            num_workers=self.num_workers,
+        )

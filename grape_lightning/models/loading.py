@@ -1,0 +1,65 @@
+"""Build tokenizers and causal LMs from a :class:`ModelSpec`, the same way for hub ids and local dirs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from grape_lightning.data.char_tokenizer import build_char_tokenizer, is_char_tokenizer_name
+from grape_lightning.models.spec import ModelSpec
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype | str:
+    if name == "auto":
+        return "auto"
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES) + ['auto']}")
+    return _DTYPES[name]
+
+
+def load_tokenizer(spec: ModelSpec | str) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``spec`` with a pad token guaranteed (EOS when the tokenizer has none)."""
+    name = spec if isinstance(spec, str) else spec.tokenizer_name
+    if is_char_tokenizer_name(name):
+        tokenizer = build_char_tokenizer()
+    else:
+        kwargs = {} if isinstance(spec, str) else {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {name!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A causal LM from the hub or a directory, or built from ``spec.config`` with seeded random weights."""
+    dtype = resolve_dtype(spec.dtype)
+    extra = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+    if spec.name_or_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.name_or_path,
+            dtype=dtype,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            **extra,
+            **spec.from_pretrained_kwargs,
+        )
+    else:
+        config_kwargs = dict(spec.config or {})
+        model_type = config_kwargs.pop("model_type")
+        config_kwargs.setdefault("vocab_size", len(tokenizer))
+        for token in ("pad", "bos", "eos"):
+            config_kwargs.setdefault(f"{token}_token_id", getattr(tokenizer, f"{token}_token_id"))
+        config = AutoConfig.for_model(model_type, **config_kwargs)
+        if config.vocab_size < len(tokenizer):
+            raise ValueError(f"config vocab_size {config.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+        # Seeded without touching the global RNG, so every rank (and every re-run) builds the same weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype if dtype != "auto" else None, **extra)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -1,0 +1,111 @@
+"""Per-token log-probabilities of response tokens without a float32 [batch, time, vocab] tensor.
+
+The trunk runs once over the whole sequence; the LM head is then applied only to the positions
+that predict a response token, a chunk of ``chunk_size`` rows at a time. Under autograd each chunk
+is recomputed in the backward pass (activation checkpointing), so the memory held for the
+backward is the hidden states, never the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class TokenLogprobs:
+    """Per-token values aligned with ``input_ids`` ([batch, time]); zero where the mask is off.
+
+    ``logprobs[b, t] = log pi(input_ids[b, t] | input_ids[b, <t])``; ``entropy[b, t]`` is the
+    entropy of that next-token distribution; ``top1[b, t]`` is True when the token is the argmax.
+    """
+
+    logprobs: Tensor
+    entropy: Tensor | None = None
+    top1: Tensor | None = None
+
+
+def _head_statistics(
+    hidden: Tensor, targets: Tensor, head: nn.Module, temperature: float, softcap: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_normaliser = torch.logsumexp(logits, dim=-1)
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    probs = torch.softmax(logits, dim=-1)
+    entropy = log_normaliser - (probs * logits).sum(-1)
+    top1 = target_logits >= logits.max(dim=-1).values
+    return target_logits - log_normaliser, entropy, top1
+
+
+def _final_logit_softcap(model: nn.Module) -> float | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "final_logit_softcapping", None) if config is not None else None
+
+
+def response_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    response_mask: Tensor,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    with_top1: bool = False,
+) -> TokenLogprobs:
+    """Log-probs of the tokens where ``response_mask`` is set, computed from a Hugging Face causal LM.
+
+    Args:
+        model: a ``PreTrainedModel`` for causal LM (``base_model`` is the trunk and
+            ``get_output_embeddings()`` the LM head).
+        input_ids: [batch, time] prompt + response tokens.
+        response_mask: [batch, time] True on the tokens whose log-prob is wanted (position 0 is
+            never scored: nothing predicts it).
+        attention_mask: [batch, time] 1 on real tokens; ``None`` with ``position_ids`` that restart
+            at 0 marks a packed row of several sequences (attention stays inside each sequence).
+        position_ids: optional [batch, time] positions; needed for packed rows.
+        temperature: divides the logits, as the sampler did.
+        chunk_size: rows of the LM head evaluated at once.
+    """
+    outputs = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    scored = response_mask[:, 1:].bool()
+    hidden_rows = hidden[:, :-1][scored]  # [n, hidden]: the state before each scored token
+    target_rows = input_ids[:, 1:][scored]  # [n]
+    head = model.get_output_embeddings()
+    softcap = _final_logit_softcap(model)
+
+    pieces = []
+    for start in range(0, hidden_rows.shape[0], chunk_size):
+        args = (hidden_rows[start : start + chunk_size], target_rows[start : start + chunk_size], head, temperature, softcap)
+        if torch.is_grad_enabled() and hidden_rows.requires_grad:
+            pieces.append(checkpoint(_head_statistics, *args, use_reentrant=False))
+        else:
+            pieces.append(_head_statistics(*args))
+    if pieces:
+        logprob_rows, entropy_rows, top1_rows = (torch.cat(parts) for parts in zip(*pieces))
+    else:
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        logprob_rows = entropy_rows = hidden_rows.new_zeros(0, dtype=dtype)
+        top1_rows = torch.zeros(0, dtype=torch.bool, device=hidden.device)
+
+    def scatter(rows: Tensor) -> Tensor:
+        shifted = rows.new_zeros(scored.shape).masked_scatter(scored, rows)
+        return torch.cat([rows.new_zeros(scored.shape[0], 1), shifted], dim=1)
+
+    return TokenLogprobs(
+        logprobs=scatter(logprob_rows),
+        entropy=scatter(entropy_rows) if with_entropy else None,
+        top1=scatter(top1_rows) if with_top1 else None,
+    )

@@ -1,0 +1,130 @@
+"""The model half every algorithm shares: policy, frozen reference, optional value model."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from grape_lightning.models.loading import load_causal_lm, load_tokenizer
+from grape_lightning.models.logprobs import TokenLogprobs, response_logprobs
+from grape_lightning.models.spec import ModelSpec
+from grape_lightning.models.value import ValueModel
+
+ValueKind = Literal["none", "head", "separate"]
+
+REFERENCE_PREFIX = "reference."
+
+
+class PolicyModelsMixin:
+    """Mix into a ``LightningModule`` and call :meth:`build_models` from ``__init__``.
+
+    - ``self.policy``: the trained causal LM; ``self.tokenizer`` its tokenizer.
+    - ``self.reference``: a frozen copy of the initial policy (eval mode, no gradients), or None.
+      Its weights never enter checkpoints: they are the initial weights, rebuilt from the spec.
+    - ``self.value_model``: None, a :class:`ValueModel` head on the policy trunk (``"head"``), or a
+      separate trunk initialised from ``value_spec`` or from the policy (``"separate"``).
+    """
+
+    policy: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    reference: PreTrainedModel | None
+    value_model: ValueModel | None
+
+    def build_models(
+        self,
+        policy: ModelSpec,
+        *,
+        reference: bool = False,
+        value: ValueKind = "none",
+        value_spec: ModelSpec | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        assert isinstance(self, nn.Module), "PolicyModelsMixin goes on a LightningModule"
+        self.policy_spec = policy
+        self.tokenizer = load_tokenizer(policy)
+        self.policy = load_causal_lm(policy, self.tokenizer)
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy.config.use_cache = False  # training forward passes never need the KV cache
+
+        self.reference = None
+        if reference:
+            self.reference = copy.deepcopy(self.policy)
+            self.reference.requires_grad_(False)
+            self.reference.eval()
+            self._register_reference_state_hooks()
+
+        self.value_model = None
+        hidden_size = self.policy.config.get_text_config().hidden_size
+        if value == "head":
+            self.value_model = ValueModel(self.policy.base_model, hidden_size)
+        elif value == "separate":
+            source = load_causal_lm(value_spec, self.tokenizer) if value_spec is not None else copy.deepcopy(self.policy)
+            self.value_model = ValueModel(source.base_model, hidden_size)
+        elif value != "none":
+            raise ValueError(f"value must be 'none', 'head' or 'separate', got {value!r}")
+
+    # -- the reference stays out of checkpoints -------------------------------------------------
+    def _register_reference_state_hooks(self) -> None:
+        def drop_reference(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+            for key in [k for k in state_dict if k.startswith(prefix + REFERENCE_PREFIX)]:
+                del state_dict[key]
+
+        def fill_reference(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+            # Loading keeps strict key checking for everything else: the reference keys are filled
+            # from the (initial) reference already in memory.
+            for name, tensor in self.reference.state_dict().items():  # type: ignore[union-attr]
+                state_dict.setdefault(prefix + REFERENCE_PREFIX + name, tensor)
+
+        self._register_state_dict_hook(drop_reference)  # type: ignore[attr-defined]
+        self._register_load_state_dict_pre_hook(fill_reference)  # type: ignore[attr-defined]
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        super().train(mode)  # type: ignore[misc]
+        if getattr(self, "reference", None) is not None:
+            self.reference.eval()  # the reference is always in eval mode (no dropout)
+        return self
+
+    # -- log-probs ------------------------------------------------------------------------------
+    def policy_logprobs(self, batch: dict[str, Tensor], **kwargs: Any) -> TokenLogprobs:
+        """Log-probs of ``batch["response_mask"]`` tokens under the policy (with gradients)."""
+        return response_logprobs(
+            self.policy,
+            batch["input_ids"],
+            batch["response_mask"],
+            batch.get("attention_mask"),
+            batch.get("position_ids"),
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: dict[str, Tensor], **kwargs: Any) -> Tensor:
+        """Log-probs under the frozen reference; no graph is built."""
+        if self.reference is None:
+            raise RuntimeError("this module was built without a reference model (reference=False)")
+        return response_logprobs(
+            self.reference,
+            batch["input_ids"],
+            batch["response_mask"],
+            batch.get("attention_mask"),
+            batch.get("position_ids"),
+            **kwargs,
+        ).logprobs
+
+    # -- export ---------------------------------------------------------------------------------
+    def export_hf(self, directory: str | Path) -> Path:
+        """Write the policy and tokenizer in Hugging Face format (``from_pretrained`` loads them)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.policy.config.use_cache = True
+        try:
+            self.policy.save_pretrained(directory, safe_serialization=True)
+        finally:
+            self.policy.config.use_cache = False
+        self.tokenizer.save_pretrained(directory)
+        return directory

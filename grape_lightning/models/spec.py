@@ -1,0 +1,49 @@
+"""Where a model comes from: a hub id, a local directory, or a config for a model built from scratch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to build a causal LM and its tokenizer.
+
+    Exactly one of ``name_or_path`` and ``config`` is set:
+
+    - ``name_or_path``: a Hugging Face hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or a local directory
+      written by ``save_pretrained``; both go through ``from_pretrained``.
+    - ``config``: keyword arguments of a transformers config, with ``model_type`` naming the
+      architecture (``{"model_type": "qwen2", "hidden_size": 64, ...}``). The model gets random
+      weights drawn under ``init_seed``; ``vocab_size`` and the special token ids default to the
+      tokenizer's, so a tiny model always fits its tokenizer.
+
+    ``tokenizer`` defaults to ``name_or_path``; ``"grape/char"`` is the built-in character
+    tokenizer used by the tiny models of the tests and the quickstart.
+    ``chat_template``: ``None`` uses the tokenizer's chat template when it has one, ``True``
+    requires one, ``False`` always feeds prompts as plain text.
+    """
+
+    name_or_path: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    init_seed: int = 0
+    chat_template: bool | None = None
+    from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("ModelSpec needs exactly one of 'name_or_path' (hub id or directory) and 'config'")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("ModelSpec.config needs a 'model_type' key, for example 'qwen2' or 'llama'")
+        if self.tokenizer is None and self.name_or_path is None:
+            raise ValueError("a model built from 'config' needs 'tokenizer' (for example 'grape/char')")
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer if self.tokenizer is not None else self.name_or_path  # type: ignore[return-value]

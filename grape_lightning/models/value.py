@@ -1,0 +1,37 @@
+"""Value models: a scalar head on a causal-LM trunk, shared with the policy or a separate copy."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class ValueHead(nn.Module):
+    """V(h_t) = w^T h_t + b, one scalar per position. Initialised small so early values are near 0."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1))
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+class ValueModel(nn.Module):
+    """Per-token values [batch, time] from a transformer trunk and a :class:`ValueHead`.
+
+    With ``trunk`` the policy's own ``base_model`` this is the "head on the policy trunk" option
+    (one network, two outputs); with a separate trunk it is an independent critic.
+    """
+
+    def __init__(self, trunk: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = ValueHead(hidden_size)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None) -> Tensor:
+        outputs = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        return self.head(hidden).float() if hidden.dtype != torch.float64 else self.head(hidden)
