@@ -1,0 +1,79 @@
+"""The real ``grape`` command in a subprocess: fit from the shipped config, export, help."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grape_lightning.algorithms import SFTModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def grape(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "grape_lightning.cli", *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A short run of configs/sft.yaml with a small override file (fewer steps, checkpoints every 3)."""
+    workdir = tmp_path_factory.mktemp("sft_cli")
+    override = {
+        "trainer": {
+            "max_steps": 6,
+            "val_check_interval": 3,
+            "log_every_n_steps": 1,
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"every_n_train_steps": 3, "save_last": True}},
+                {"class_path": "grape_lightning.callbacks.TokenThroughput"},
+                {"class_path": "grape_lightning.callbacks.GreedyTaskAccuracy", "init_args": {"num_examples": 8}},
+                {"class_path": "grape_lightning.callbacks.HFExport"},
+                {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
+            ],
+        },
+        "data": {"init_args": {"task": {"init_args": {"num_train": 100, "num_val": 16}}, "batch_size": 16}},
+    }
+    (workdir / "override.yaml").write_text(yaml.safe_dump(override))
+    grape("fit", "--config", str(ROOT / "configs/sft.yaml"), "--config", "override.yaml", cwd=workdir)
+    return workdir / "runs" / "sft" / "version_0"
+
+
+def test_fit_writes_metrics_checkpoints_and_export(sft_run):
+    events = EventAccumulator(str(sft_run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/token_accuracy", "train/tokens_per_s", "val/loss", "val/accuracy"} <= tags
+    assert any(tag.startswith("lr-") for tag in tags)
+    assert (sft_run / "checkpoints" / "last.ckpt").is_file()
+    assert (sft_run / "hf" / "config.json").is_file()
+
+
+def test_export_gives_identical_logits(sft_run, tmp_path):
+    checkpoint = sft_run / "checkpoints" / "last.ckpt"
+    grape("export", "--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "exported"), cwd=tmp_path)
+    module = SFTModule.load_from_checkpoint(checkpoint).eval()
+    for directory in (tmp_path / "exported", sft_run / "hf"):
+        model = AutoModelForCausalLM.from_pretrained(directory).eval()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        ids = torch.tensor([tokenizer("12+34=")["input_ids"]])
+        assert ids.tolist() == [module.tokenizer("12+34=")["input_ids"]]
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, module.policy(ids).logits, rtol=0, atol=0)
+
+
+def test_help_and_print_config(tmp_path):
+    assert "--config" in grape("fit", "--help", cwd=tmp_path).stdout
+    printed = grape("fit", "--config", str(ROOT / "configs/sft.yaml"), "--print_config", cwd=tmp_path).stdout
+    config = yaml.safe_load(printed)
+    assert config["model"]["class_path"] == "grape_lightning.algorithms.SFTModule"
+    assert config["data"]["init_args"]["task"]["class_path"] == "grape_lightning.data.tasks.ArithmeticTask"
