@@ -15,6 +15,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 import grape_lightning.algorithms  # noqa: F401  (registers the modules for class_path lookup)
+from grape_lightning.checkpointing import AtomicCheckpointIO
 import grape_lightning.callbacks  # noqa: F401
 import grape_lightning.data  # noqa: F401
 
@@ -48,6 +49,7 @@ def cli_main(args: Sequence[str] | None = None) -> GrapeCLI | str:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
         args=None if args is None else argv,
     )
 
