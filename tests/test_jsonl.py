@@ -268,3 +268,16 @@ def test_bad_preference_rows_name_file_line_and_field(tmp_path, row, field, text
 
 def test_data_format_error_is_a_value_error():
     assert issubclass(DataFormatError, ValueError)
+
+
+def test_prompt_rows_keep_metadata_and_locate_errors(tmp_path):
+    from grape_lightning.data.jsonl import read_prompt_rows
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "2+2=", "answer": "4", "category": "math"}\n\n{"answer": "5"}\n')
+    with pytest.raises(DataFormatError, match=r"prompts\.jsonl:3: missing field 'prompt'"):
+        read_prompt_rows(path)
+    path.write_text('{"prompt": "2+2=", "answer": "4", "category": "math"}\n')
+    [row] = read_prompt_rows(path)
+    assert row["prompt"] == "2+2="
+    assert row["metadata"] == {"answer": "4", "category": "math", "source": f"{path}:1"}

@@ -1,11 +1,12 @@
 """Readers for user data in JSON Lines, with errors that point at the file, line and field.
 
-Two row shapes are read:
+Three row shapes are read:
 
 - completion rows (SFT, rejection sampling, prompts for RL): ``{"prompt", "completion"}`` or a
   conversation ``{"messages": [...]}`` whose last message is the assistant reply;
 - preference rows (DPO, reward models): ``{"prompt", "chosen", "rejected"}``, where chosen and
-  rejected may also be whole conversations, as in common preference datasets.
+  rejected may also be whole conversations, as in common preference datasets;
+- prompt rows (rollouts): ``{"prompt", ...}`` with every other field kept as metadata.
 
 Both normalise to ``{"prompt": str | list[message], <replies as str>, "metadata": dict}``. A prompt
 stays a string or becomes the list of messages before the reply, for a chat template to render.
@@ -95,6 +96,23 @@ def read_preference_rows(path: str | os.PathLike) -> list[dict]:
         prompt, replies = _prompt_and_replies(row, ("chosen", "rejected"), _PREFERENCE_HINT)
         metadata = row.metadata(("prompt", "chosen", "rejected"))
         rows.append({"prompt": prompt, **replies, "metadata": metadata})
+    return rows
+
+
+def read_prompt_rows(path: str | os.PathLike) -> list[dict]:
+    """Read prompts for rollouts from a JSONL file: ``{"prompt": str | messages, ...}``.
+
+    Every other field (a reference ``answer``, a ``category``, anything a reward needs) goes into
+    metadata, as in ``read_completion_rows``; a "completion" field, if present, is kept there as the
+    reference answer's text.
+
+    Returns ``{"prompt", "metadata"}`` dicts.
+    """
+    rows = []
+    for row in _read_objects(path):
+        if "prompt" not in row.data:
+            raise row.missing("prompt", "a prompt row needs 'prompt'; other fields become metadata")
+        rows.append({"prompt": _prompt(row, row.data["prompt"]), "metadata": row.metadata(("prompt",))})
     return rows
 
 

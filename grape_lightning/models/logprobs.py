@@ -45,6 +45,11 @@ def _head_statistics(
     return target_logits - log_normaliser, entropy, top1
 
 
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position of each token among the real tokens of its row (padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def _final_logit_softcap(model: nn.Module) -> float | None:
     config = getattr(model, "config", None)
     return getattr(config, "final_logit_softcapping", None) if config is not None else None
@@ -72,10 +77,13 @@ def response_logprobs(
             never scored: nothing predicts it).
         attention_mask: [batch, time] 1 on real tokens; ``None`` with ``position_ids`` that restart
             at 0 marks a packed row of several sequences (attention stays inside each sequence).
-        position_ids: optional [batch, time] positions; needed for packed rows.
+        position_ids: [batch, time] positions; by default counted over the attention mask, so a
+            left-padded prompt gets the same positions as at generation time. Needed for packed rows.
         temperature: divides the logits, as the sampler did.
         chunk_size: rows of the LM head evaluated at once.
     """
+    if position_ids is None and attention_mask is not None:
+        position_ids = positions_from_mask(attention_mask)
     outputs = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from grape_lightning.models.logprobs import positions_from_mask
+
 
 class ValueHead(nn.Module):
     """V(h_t) = w^T h_t + b, one scalar per position. Initialised small so early values are near 0."""
@@ -32,6 +34,8 @@ class ValueModel(nn.Module):
         self.head = ValueHead(hidden_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None) -> Tensor:
+        if position_ids is None and attention_mask is not None:
+            position_ids = positions_from_mask(attention_mask)
         outputs = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
         return self.head(hidden).float() if hidden.dtype != torch.float64 else self.head(hidden)

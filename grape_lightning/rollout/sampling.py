@@ -1,0 +1,68 @@
+"""Sampling parameters and the next-token sampler (temperature, top-k, top-p)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingParams:
+    """How responses are sampled.
+
+    ``temperature=0`` is greedy decoding. The log-prob returned for a sampled token is
+    ``log softmax(logits / temperature)`` (``temperature=1`` for greedy), *before* top-k / top-p
+    truncation, which is the distribution the training loss evaluates.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_strings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def logprob_temperature(self) -> float:
+        return 1.0 if self.greedy else self.temperature
+
+
+def _truncate(scaled_logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Set logits outside the top-k / top-p nucleus to -inf (at least one token always survives)."""
+    if top_k > 0 and top_k < scaled_logits.shape[-1]:
+        kth = torch.topk(scaled_logits, top_k, dim=-1).values[..., -1:]
+        scaled_logits = scaled_logits.masked_fill(scaled_logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled_logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the tokens ranked above
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled_logits = scaled_logits.masked_fill(drop, float("-inf"))
+    return scaled_logits
+
+
+def sample_next_token(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Draw one token per row from [batch, vocab] logits; returns (tokens [batch], log-probs [batch])."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logprobs = torch.log_softmax(logits / params.logprob_temperature, dim=-1)
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)
+    else:
+        filtered = _truncate(logits / params.temperature, params.top_k, params.top_p)
+        probs = torch.softmax(filtered, dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
