@@ -18,6 +18,8 @@ import grape_lightning.algorithms  # noqa: F401  (registers the modules for clas
 from grape_lightning.checkpointing import AtomicCheckpointIO
 import grape_lightning.callbacks  # noqa: F401
 import grape_lightning.data  # noqa: F401
+import grape_lightning.rewards  # noqa: F401
+import grape_lightning.rollout  # noqa: F401
 
 
 class GrapeCLI(LightningCLI):

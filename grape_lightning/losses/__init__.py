@@ -1,5 +1,10 @@
 """Pure loss functions: tensors in, (loss, metrics) out. No Lightning here."""
 
+from grape_lightning.losses.aggregation import aggregate
+from grape_lightning.losses.clipped_surrogate import clipped_surrogate
+from grape_lightning.losses.grpo import grpo_loss
+from grape_lightning.losses.kl import kl_penalty
+from grape_lightning.losses.reinforce import reinforce_loss
 from grape_lightning.losses.sft import sft_loss
 
-__all__ = ["sft_loss"]
+__all__ = ["aggregate", "clipped_surrogate", "grpo_loss", "kl_penalty", "reinforce_loss", "sft_loss"]

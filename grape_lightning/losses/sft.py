@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 
-def sft_loss(logprobs: Tensor, response_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def sft_loss(
+    logprobs: Tensor, response_mask: Tensor, num_tokens: int | float | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Negative log-likelihood of the response tokens, averaged over response tokens.
 
         L = - sum_{b,t} m_bt * l_bt / sum_{b,t} m_bt
@@ -17,8 +19,11 @@ def sft_loss(logprobs: Tensor, response_mask: Tensor) -> tuple[Tensor, dict[str,
     Args:
         logprobs: [batch, time] per-token log-probs of the target tokens.
         response_mask: [batch, time] bool or 0/1.
+        num_tokens: the denominator; defaults to this batch's response tokens (pass a whole
+            mini-batch's count when accumulating over micro-batches).
     """
     mask = response_mask.to(logprobs.dtype)
-    num_tokens = mask.sum()
-    loss = -(logprobs * mask).sum() / num_tokens.clamp(min=1)
-    return loss, {"loss": loss.detach(), "num_response_tokens": num_tokens.detach()}
+    count = mask.sum().detach()
+    denominator = count.clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
+    loss = -(logprobs * mask).sum() / denominator
+    return loss, {"loss": loss.detach(), "num_response_tokens": count}

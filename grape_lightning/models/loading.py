@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from grape_lightning.assets import builtin_model_path
 from grape_lightning.data.char_tokenizer import build_char_tokenizer, is_char_tokenizer_name
 from grape_lightning.models.spec import ModelSpec
 
@@ -19,6 +20,12 @@ def resolve_dtype(name: str) -> torch.dtype | str:
     return _DTYPES[name]
 
 
+def resolve_name(name: str) -> str:
+    """A shipped model's directory for ``grape/<name>``; any other hub id or path unchanged."""
+    path = builtin_model_path(name)
+    return str(path) if path is not None else name
+
+
 def load_tokenizer(spec: ModelSpec | str) -> PreTrainedTokenizerBase:
     """The tokenizer of ``spec`` with a pad token guaranteed (EOS when the tokenizer has none)."""
     name = spec if isinstance(spec, str) else spec.tokenizer_name
@@ -26,7 +33,7 @@ def load_tokenizer(spec: ModelSpec | str) -> PreTrainedTokenizerBase:
         tokenizer = build_char_tokenizer()
     else:
         kwargs = {} if isinstance(spec, str) else {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_name(name), **kwargs)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer {name!r} has neither a pad nor an EOS token")
@@ -40,7 +47,7 @@ def load_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTr
     extra = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
     if spec.name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(
-            spec.name_or_path,
+            resolve_name(spec.name_or_path),
             dtype=dtype,
             revision=spec.revision,
             trust_remote_code=spec.trust_remote_code,

@@ -1,0 +1,230 @@
+"""Shared machinery of the on-policy algorithms: sample, score, then let the subclass update.
+
+    prompts (RolloutDataModule) -> generate (engine) -> score (rewards) -> old / reference log-probs
+      -> ``update(rollout)`` (the algorithm) -> optimizer steps
+
+Optimisation is manual, since one rollout batch may feed several optimizer steps. Lightning's
+``global_step`` counts optimizer steps, so ``max_steps`` is a number of optimizer steps; each
+algorithm documents how many it takes per rollout batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grape_lightning.algorithms.base import PolicyModule, as_dataclass
+from grape_lightning.algorithms.optim import OptimizerConfig
+from grape_lightning.models.logprobs import response_logprobs
+from grape_lightning.models.spec import ModelSpec
+from grape_lightning.rewards.base import RewardFunction
+from grape_lightning.rewards.combined import CombinedReward
+from grape_lightning.rollout.batch import Rollout, minibatch_indices
+from grape_lightning.rollout.engine import GenerationEngine
+from grape_lightning.rollout.kv_cache_engine import KVCacheEngine
+from grape_lightning.rollout.sampling import SamplingParams
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same in every process and every run."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part) + 1) % (2**63 - 1)
+    return seed
+
+
+class OnPolicyModule(PolicyModule):
+    """Base of REINFORCE, rejection sampling, GRPO (and PPO, TRPO, GRAPE).
+
+    Args:
+        policy: the model to train (a :class:`ModelSpec`).
+        rewards: reward functions, combined as sum_k w_k r_k (the first is the "primary" one that
+            defines ``val/accuracy``: the share of greedy responses it scores 1).
+        sampling: sampling parameters of the training rollouts.
+        reference: keep a frozen copy of the initial policy (for KL terms).
+        micro_batch_size: sequences per forward/backward (gradients accumulate up to a step).
+        max_grad_norm: clip the global gradient norm before each step (None: no clipping).
+        seed: seeds sampling; the generator of a rollout is derived from (seed, rank, step), so a
+            resumed run samples what the uninterrupted run would have.
+    """
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        rewards: Sequence[RewardFunction],
+        sampling: SamplingParams | None = None,
+        optimizer: OptimizerConfig | None = None,
+        reference: bool = False,
+        micro_batch_size: int = 64,
+        max_grad_norm: float | None = 1.0,
+        gradient_checkpointing: bool = False,
+        logprob_chunk_size: int = 1024,
+        seed: int = 0,
+        **hyperparameters: Any,
+    ) -> None:
+        super().__init__(optimizer)
+        self.automatic_optimization = False
+        policy = as_dataclass(policy, ModelSpec)
+        self.sampling = as_dataclass(sampling, SamplingParams) or SamplingParams()
+        self.save_plain_hyperparameters(
+            policy=policy, sampling=self.sampling, optimizer=self.optimizer_config, rewards=None, **hyperparameters
+        )
+        self.build_models(policy, reference=reference, gradient_checkpointing=gradient_checkpointing)
+        self.reward = CombinedReward(list(rewards))
+        self.engine: GenerationEngine = KVCacheEngine(self.tokenizer)
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.logprob_chunk_size = logprob_chunk_size
+        self.seed = seed
+        self.last_samples: list[dict[str, Any]] = []
+
+    # -- rollout ---------------------------------------------------------------------------------
+    def _generator(self) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(derive_seed(self.seed, self.global_rank, self.global_step))
+        return generator
+
+    @torch.no_grad()
+    def token_logprobs(self, model: torch.nn.Module, rollout_inputs: dict[str, Tensor]) -> Tensor:
+        """Log-probs of the response tokens under ``model`` at the sampling temperature."""
+        return response_logprobs(
+            model, rollout_inputs["input_ids"], rollout_inputs["response_mask"], rollout_inputs["attention_mask"],
+            temperature=self.sampling.logprob_temperature, chunk_size=self.logprob_chunk_size,
+        ).logprobs
+
+    def _in_micro_batches(self, size: int, compute: Callable[[Tensor], Tensor], like: Tensor) -> Tensor:
+        out = torch.zeros_like(like, dtype=torch.promote_types(like.dtype, torch.float32))
+        for index in torch.arange(size, device=self.device).split(self.micro_batch_size):
+            values = compute(index)
+            out[index, : values.shape[1]] = values
+        return out
+
+    def collect_rollout(self, batch: dict[str, Any], sampling: SamplingParams | None = None) -> Rollout:
+        """Sample responses for ``batch``, score them and compute pi_old and reference log-probs."""
+        sampling = sampling or self.sampling
+        was_training = self.policy.training
+        self.policy.eval()
+        start = time.perf_counter()
+        generation = self.engine.generate(self.policy, batch["prompt_ids"], sampling, None if sampling.greedy else self._generator())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        generation_seconds = time.perf_counter() - start
+        self.policy.train(was_training)
+
+        responses = self.tokenizer.batch_decode(
+            [ids[mask].tolist() for ids, mask in zip(generation.input_ids, generation.response_mask)], skip_special_tokens=True
+        )
+        scores = self.reward(batch["prompts"], responses, batch["metadata"])
+        rollout = Rollout(
+            input_ids=generation.input_ids,
+            attention_mask=generation.attention_mask,
+            response_mask=generation.response_mask,
+            old_logprobs=generation.logprobs,
+            sampling_logprobs=generation.logprobs,
+            rewards=scores.total.to(self.device),
+            valid=scores.valid.to(self.device),
+            groups=batch["groups"].to(self.device),
+            prompts=batch["prompts"],
+            responses=responses,
+            metadata=batch["metadata"],
+            reward_terms=scores.per_function,
+        )
+        if not sampling.greedy:
+            rollout.old_logprobs = self._in_micro_batches(
+                len(rollout), lambda i: self.token_logprobs(self.policy, rollout.model_inputs(i)), rollout.old_logprobs
+            )
+            if self.reference is not None:
+                rollout.ref_logprobs = self._in_micro_batches(
+                    len(rollout), lambda i: self.token_logprobs(self.reference, rollout.model_inputs(i)), rollout.old_logprobs
+                )
+        self._log_rollout(rollout, generation_seconds, stage="train" if not sampling.greedy else "val")
+        return rollout
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def optimizer_step_over(self, index: Tensor, micro_loss: Callable[[Tensor], Tensor]) -> None:
+        """One optimizer step on the rows ``index``: accumulate ``micro_loss`` over micro-batches
+        (each already normalised by the whole mini-batch), clip, step the optimizer and schedule."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        for micro in index.split(self.micro_batch_size):
+            self.manual_backward(micro_loss(micro))
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def minibatches(self, rows: Tensor, minibatch_size: int | None, salt: int = 0) -> list[Tensor]:
+        """The row indices ``rows`` in shuffled mini-batches (all of them at once for None).
+
+        The order is derived from (seed, rank, step, salt), so a resumed run shuffles the same way.
+        """
+        if rows.numel() == 0:
+            return []
+        shuffle = torch.Generator().manual_seed(derive_seed(self.seed, self.global_rank, self.global_step, salt))
+        orders = minibatch_indices(rows.numel(), minibatch_size or rows.numel(), shuffle)
+        return [rows[order.to(rows.device)] for order in orders]
+
+    # -- the algorithm ---------------------------------------------------------------------------
+    def update(self, rollout: Rollout) -> None:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rollout = self.collect_rollout(batch)
+        self.update(rollout)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        greedy = SamplingParams(max_new_tokens=self.sampling.max_new_tokens, temperature=0.0, stop_strings=self.sampling.stop_strings)
+        self.collect_rollout(batch, greedy)
+
+    # -- logging ---------------------------------------------------------------------------------
+    def _log_rollout(self, rollout: Rollout, generation_seconds: float, stage: str) -> None:
+        size = len(rollout)
+        on_step = stage == "train"
+        log = {"on_step": on_step, "on_epoch": not on_step, "batch_size": size, "sync_dist": not on_step}
+        valid_rewards = rollout.rewards[rollout.valid]
+        if valid_rewards.numel():
+            self.log(f"{stage}/reward", valid_rewards.float().mean(), prog_bar=True, **log)
+            if on_step:
+                self.log(f"{stage}/reward_std", valid_rewards.float().std() if valid_rewards.numel() > 1 else 0.0, **log)
+        for name, values in rollout.reward_terms.items():
+            present = values[~torch.isnan(values)]
+            if present.numel():
+                self.log(f"{stage}/reward/{name}", present.float().mean(), **log)
+        primary = next(iter(rollout.reward_terms.values()))
+        self.log(f"{stage}/accuracy", (primary == 1).float().mean(), prog_bar=stage == "val", **log)
+        self.log(f"{stage}/invalid_rewards", (~rollout.valid).float().sum(), reduce_fx="sum", **{**log, "batch_size": 1})
+        self.log(f"{stage}/response_length", rollout.response_lengths.float().mean(), **log)
+        if on_step:
+            tokens = float(rollout.response_mask.sum())
+            self.log("train/generation_tokens_per_s", tokens / max(generation_seconds, 1e-9), **log)
+            self.last_samples = [
+                {"prompt": p, "response": r, "reward": float(w)}
+                for p, r, w in zip(rollout.prompts, rollout.responses, rollout.rewards.tolist())
+            ]
+
+    def log_metrics(self, metrics: dict[str, float], prefix: str = "train/") -> None:
+        for name, value in metrics.items():
+            self.log(prefix + name, value, on_step=True, on_epoch=False)
+
+
+class RunningMeans:
+    """Weighted means of metrics over the micro-batches of one update (for one log per rollout)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, Tensor | float], weight: float = 1.0) -> None:
+        for name, value in metrics.items():
+            self.totals[name] = self.totals.get(name, 0.0) + float(value) * weight
+            self.weights[name] = self.weights.get(name, 0.0) + weight
+
+    def means(self) -> dict[str, float]:
+        return {name: total / max(self.weights[name], 1e-12) for name, total in self.totals.items()}

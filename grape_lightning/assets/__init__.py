@@ -1,0 +1,22 @@
+"""Models shipped with the package, addressed as ``grape/<name>`` wherever a hub id is accepted.
+
+- ``grape/tiny-addition-sft``: a tiny Qwen2-shaped model with the character tokenizer, briefly
+  fine-tuned on two-digit addition (about half of the validation prompts right under greedy
+  decoding); the starting point of the RL configs and learning tests. Rebuilt by
+  ``scripts/make_tiny_warm_model.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent
+PREFIX = "grape/"
+
+
+def builtin_model_path(name: str) -> Path | None:
+    """The directory of a shipped model named ``grape/<name>``, or None for any other name."""
+    if not name.startswith(PREFIX):
+        return None
+    path = ASSETS_DIR / name[len(PREFIX) :]
+    return path if (path / "config.json").is_file() else None

@@ -1,0 +1,46 @@
+"""GRPO loss: clipped surrogate with group-relative advantages plus a k3 KL term to the reference."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from grape_lightning.losses.aggregation import Aggregation, aggregate
+from grape_lightning.losses.clipped_surrogate import clipped_surrogate
+from grape_lightning.losses.kl import KLEstimator, kl_penalty
+
+
+def grpo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logprobs: Tensor | None = None,
+    beta: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    aggregation: Aggregation = "sequence",
+    kl_estimator: KLEstimator = "k3",
+    constant_length: int | None = None,
+    num_sequences: int | None = None,
+    num_tokens: int | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """L = agg_{i,t} [ -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_it ]
+
+    with KL_it = exp(l_ref - l) - (l_ref - l) - 1 (k3) and ``agg`` one of
+    :func:`~grape_lightning.losses.aggregation.aggregate`'s modes. ``beta = 0`` needs no reference.
+    Metrics: ``policy_loss``, ``kl`` (the aggregated KL), clip fractions and ``ratio_mean``.
+    """
+    token_loss, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, eps_low, eps_high)
+    reduce = dict(constant_length=constant_length, num_sequences=num_sequences, num_tokens=num_tokens)
+    policy_loss = aggregate(token_loss, mask, aggregation, **reduce)
+    loss = policy_loss
+    if ref_logprobs is not None:
+        kl = aggregate(kl_penalty(logprobs, ref_logprobs, kl_estimator), mask, aggregation, **reduce)
+        metrics["kl"] = kl.detach()
+        if beta != 0.0:
+            loss = loss + beta * kl
+    elif beta != 0.0:
+        raise ValueError("beta != 0 needs ref_logprobs")
+    metrics["policy_loss"] = policy_loss.detach()
+    return loss, metrics

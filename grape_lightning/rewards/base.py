@@ -1,0 +1,31 @@
+"""The reward protocol: ``(prompts, responses, metadata) -> rewards``."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+
+class RewardFunction(ABC):
+    """Scores a batch of responses. One value per response; ``None`` or NaN means "could not score"
+    (the response is then left out of the update and counted, never treated as 0).
+
+    ``weight`` scales this function inside a :class:`~grape_lightning.rewards.combined.CombinedReward`;
+    ``name`` labels its metrics (``reward/<name>``).
+    """
+
+    def __init__(self, weight: float = 1.0, name: str | None = None) -> None:
+        self.weight = weight
+        self.name = name or _snake_case(type(self).__name__)
+
+    @abstractmethod
+    def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict[str, Any]]) -> list[float | None]: ...
+
+
+def _snake_case(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
+def is_missing(value: float | None) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
