@@ -203,7 +203,8 @@ def test_group_scaling_differs_from_batch_scaling():
     batch = group_relative_advantages(rewards, groups, scaling="batch", eps=0.0)
     none = group_relative_advantages(rewards, groups, scaling="none")
     s = math.sqrt(0.5)
-    torch.testing.assert_close(group, torch.tensor([-0.5 / s, 0.5 / s, -50.0 / (100 * s), 50.0 / (100 * s)], dtype=torch.float64), **TOL)
+    expected_group = [-0.5 / s, 0.5 / s, -50.0 / (100 * s), 50.0 / (100 * s)]
+    torch.testing.assert_close(group, torch.tensor(expected_group, dtype=torch.float64), **TOL)
     batch_std = loop_unbiased_std([0.0, 1.0, 0.0, 100.0])
     torch.testing.assert_close(batch, torch.tensor([-0.5, 0.5, -50.0, 50.0], dtype=torch.float64) / batch_std, **TOL)
     torch.testing.assert_close(none, torch.tensor([-0.5, 0.5, -50.0, 50.0], dtype=torch.float64), **TOL)
