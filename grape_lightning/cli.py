@@ -51,7 +51,7 @@ def cli_main(args: Sequence[str] | None = None) -> GrapeCLI | str:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
+        trainer_defaults={"plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}]},
         args=None if args is None else argv,
     )
 

@@ -18,15 +18,20 @@ def as_dataclass(value: Any, cls: type) -> Any:
     return cls(**value) if isinstance(value, dict) else value
 
 
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
 def _plain(value: Any) -> Any:
-    """Checkpoints hold only plain types, so they load with ``torch.load(weights_only=True)``."""
+    """Checkpoints hold only plain types, so they load with ``torch.load(weights_only=True)``:
+    dataclasses become dicts; other objects (reward functions, tasks) become None and are passed
+    again when a checkpoint is loaded in Python (runs of the ``grape`` command store their config)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
-    return value
+    return value if isinstance(value, _PLAIN_SCALARS) else None
 
 
 class PolicyModule(PolicyModelsMixin, L.LightningModule):
@@ -37,10 +42,13 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
         self.optimizer_config: OptimizerConfig = as_dataclass(optimizer, OptimizerConfig) or OptimizerConfig()
 
     def save_plain_hyperparameters(self, **values: Any) -> None:
-        """``save_hyperparameters`` with dataclasses turned into dicts."""
+        """``save_hyperparameters`` of the subclass ``__init__`` arguments, made plain (see
+        :func:`_plain`); ``values`` adds or replaces entries (already-resolved dataclasses)."""
         caller = inspect.currentframe().f_back  # type: ignore[union-attr]  # the subclass __init__
-        self.save_hyperparameters(ignore=list(values), frame=caller)
-        self.hparams.update({key: _plain(value) for key, value in values.items()})
+        self.save_hyperparameters(frame=caller)
+        self.hparams.update(values)
+        for key, value in list(self.hparams.items()):
+            self.hparams[key] = _plain(value)
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps the schedule spans (the Trainer's estimate unless a subclass knows better)."""

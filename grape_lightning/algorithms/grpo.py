@@ -40,7 +40,7 @@ class GRPOModule(OnPolicyModule):
     def __init__(
         self,
         policy: ModelSpec,
-        rewards: Sequence[RewardFunction],
+        rewards: Sequence[RewardFunction] | None = None,
         sampling: SamplingParams | None = None,
         optimizer: OptimizerConfig | None = None,
         beta: float = 0.04,
@@ -62,9 +62,6 @@ class GRPOModule(OnPolicyModule):
             policy, rewards, sampling, optimizer, reference=beta > 0, micro_batch_size=micro_batch_size,
             max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
             logprob_chunk_size=logprob_chunk_size, seed=seed,
-            beta=beta, eps_low=eps_low, eps_high=eps_high, reward_scaling=reward_scaling, aggregation=aggregation,
-            kl_estimator=kl_estimator, num_iterations=num_iterations, mini_batch_size=mini_batch_size,
-            filter_tied_groups=filter_tied_groups,
         )
         self.beta = beta
         self.eps_low = eps_low

@@ -11,10 +11,12 @@ algorithm documents how many it takes per rollout batch.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from grape_lightning.algorithms.base import PolicyModule, as_dataclass
@@ -27,6 +29,11 @@ from grape_lightning.rollout.batch import Rollout, minibatch_indices
 from grape_lightning.rollout.engine import GenerationEngine
 from grape_lightning.rollout.kv_cache_engine import KVCacheEngine
 from grape_lightning.rollout.sampling import SamplingParams
+
+
+# A checkpoint of an on-policy module holds the weights after the rollout's update, which is what a
+# resumed run continues from (it samples a fresh rollout); Lightning's reminder does not apply.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def derive_seed(*parts: int) -> int:
@@ -55,7 +62,7 @@ class OnPolicyModule(PolicyModule):
     def __init__(
         self,
         policy: ModelSpec,
-        rewards: Sequence[RewardFunction],
+        rewards: Sequence[RewardFunction] | None = None,
         sampling: SamplingParams | None = None,
         optimizer: OptimizerConfig | None = None,
         reference: bool = False,
@@ -64,17 +71,15 @@ class OnPolicyModule(PolicyModule):
         gradient_checkpointing: bool = False,
         logprob_chunk_size: int = 1024,
         seed: int = 0,
-        **hyperparameters: Any,
     ) -> None:
         super().__init__(optimizer)
         self.automatic_optimization = False
         policy = as_dataclass(policy, ModelSpec)
         self.sampling = as_dataclass(sampling, SamplingParams) or SamplingParams()
-        self.save_plain_hyperparameters(
-            policy=policy, sampling=self.sampling, optimizer=self.optimizer_config, rewards=None, **hyperparameters
-        )
+        self.save_plain_hyperparameters(policy=policy, sampling=self.sampling, optimizer=self.optimizer_config)
         self.build_models(policy, reference=reference, gradient_checkpointing=gradient_checkpointing)
-        self.reward = CombinedReward(list(rewards))
+        # None only when a checkpoint is loaded for export or inspection; training needs rewards.
+        self.reward = CombinedReward(list(rewards)) if rewards else None
         self.engine: GenerationEngine = KVCacheEngine(self.tokenizer)
         self.micro_batch_size = micro_batch_size
         self.max_grad_norm = max_grad_norm
@@ -118,6 +123,8 @@ class OnPolicyModule(PolicyModule):
         responses = self.tokenizer.batch_decode(
             [ids[mask].tolist() for ids, mask in zip(generation.input_ids, generation.response_mask)], skip_special_tokens=True
         )
+        if self.reward is None:
+            raise ValueError(f"{type(self).__name__} needs 'rewards' to score rollouts")
         scores = self.reward(batch["prompts"], responses, batch["metadata"])
         rollout = Rollout(
             input_ids=generation.input_ids,
@@ -141,7 +148,7 @@ class OnPolicyModule(PolicyModule):
                 rollout.ref_logprobs = self._in_micro_batches(
                     len(rollout), lambda i: self.token_logprobs(self.reference, rollout.model_inputs(i)), rollout.old_logprobs
                 )
-        self._log_rollout(rollout, generation_seconds, stage="train" if not sampling.greedy else "val")
+        rollout.generation_seconds = generation_seconds
         return rollout
 
     # -- optimisation ----------------------------------------------------------------------------
@@ -176,15 +183,44 @@ class OnPolicyModule(PolicyModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = self.collect_rollout(batch)
+        self._log_rollout(rollout, "train")
         self.update(rollout)
+
+    @property
+    def greedy_sampling(self) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.sampling.max_new_tokens, temperature=0.0, stop_strings=self.sampling.stop_strings)
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        greedy = SamplingParams(max_new_tokens=self.sampling.max_new_tokens, temperature=0.0, stop_strings=self.sampling.stop_strings)
-        self.collect_rollout(batch, greedy)
+        self._log_rollout(self.collect_rollout(batch, self.greedy_sampling), "val")
+
+    @torch.no_grad()
+    def on_train_start(self) -> None:
+        """Evaluate the initial policy (greedy, the whole validation split) and log it at step 0, so
+        every run shows its starting point (Lightning does not log its sanity check)."""
+        datamodule = self.trainer.datamodule
+        if self.global_step > 0 or datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            return
+        loader = datamodule.val_dataloader()
+        if not loader:
+            return
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # correct, reward sum, count
+        for batch in loader:
+            rollout = self.collect_rollout(self.trainer.strategy.batch_to_device(batch), self.greedy_sampling)
+            primary = next(iter(rollout.reward_terms.values()))
+            totals += torch.tensor(
+                [float((primary == 1).sum()), float(rollout.rewards[rollout.valid].sum()), float(rollout.valid.sum())],
+                dtype=torch.float64, device=self.device,
+            )
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        count = max(float(totals[2]), 1.0)
+        metrics = {"val/accuracy": float(totals[0]) / count, "val/reward": float(totals[1]) / count}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=0)
+        rank_zero_info(f"initial policy: val/accuracy {metrics['val/accuracy']:.3f}, val/reward {metrics['val/reward']:.3f}")
 
     # -- logging ---------------------------------------------------------------------------------
-    def _log_rollout(self, rollout: Rollout, generation_seconds: float, stage: str) -> None:
+    def _log_rollout(self, rollout: Rollout, stage: str) -> None:
         size = len(rollout)
         on_step = stage == "train"
         log = {"on_step": on_step, "on_epoch": not on_step, "batch_size": size, "sync_dist": not on_step}
@@ -203,7 +239,7 @@ class OnPolicyModule(PolicyModule):
         self.log(f"{stage}/response_length", rollout.response_lengths.float().mean(), **log)
         if on_step:
             tokens = float(rollout.response_mask.sum())
-            self.log("train/generation_tokens_per_s", tokens / max(generation_seconds, 1e-9), **log)
+            self.log("train/generation_tokens_per_s", tokens / max(rollout.generation_seconds, 1e-9), **log)
             self.last_samples = [
                 {"prompt": p, "response": r, "reward": float(w)}
                 for p, r, w in zip(rollout.prompts, rollout.responses, rollout.rewards.tolist())

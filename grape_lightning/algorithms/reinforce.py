@@ -37,7 +37,7 @@ class REINFORCEModule(OnPolicyModule):
     def __init__(
         self,
         policy: ModelSpec,
-        rewards: Sequence[RewardFunction],
+        rewards: Sequence[RewardFunction] | None = None,
         sampling: SamplingParams | None = None,
         optimizer: OptimizerConfig | None = None,
         baseline: Baseline = "leave_one_out",
@@ -53,7 +53,6 @@ class REINFORCEModule(OnPolicyModule):
             policy, rewards, sampling, optimizer, reference=kl_coef > 0, micro_batch_size=micro_batch_size,
             max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
             logprob_chunk_size=logprob_chunk_size, seed=seed,
-            baseline=baseline, baseline_momentum=baseline_momentum, kl_coef=kl_coef,
         )
         if baseline not in ("none", "moving_average", "batch_mean", "leave_one_out"):
             raise ValueError(f"unknown baseline {baseline!r}")

@@ -42,7 +42,7 @@ class RejectionSamplingModule(OnPolicyModule):
     def __init__(
         self,
         policy: ModelSpec,
-        rewards: Sequence[RewardFunction],
+        rewards: Sequence[RewardFunction] | None = None,
         sampling: SamplingParams | None = None,
         optimizer: OptimizerConfig | None = None,
         keep_top_k: int = 1,
@@ -59,7 +59,6 @@ class RejectionSamplingModule(OnPolicyModule):
             policy, rewards, sampling, optimizer, reference=False, micro_batch_size=micro_batch_size,
             max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
             logprob_chunk_size=logprob_chunk_size, seed=seed,
-            keep_top_k=keep_top_k, reward_threshold=reward_threshold, epochs=epochs, mini_batch_size=mini_batch_size,
         )
         self.keep_top_k = keep_top_k
         self.reward_threshold = reward_threshold
@@ -81,8 +80,9 @@ class RejectionSamplingModule(OnPolicyModule):
                 def micro_loss(micro: Tensor) -> Tensor:
                     inputs = rollout.model_inputs(micro)
                     logprobs = self.policy_logprobs(inputs, chunk_size=self.logprob_chunk_size).logprobs
-                    loss, _ = sft_loss(logprobs, inputs["response_mask"], num_tokens=num_tokens)
-                    means.add({"loss": loss.detach() * len(index) / len(micro)}, weight=len(micro))
+                    loss, metrics = sft_loss(logprobs, inputs["response_mask"], num_tokens=num_tokens)
+                    tokens = float(metrics["num_response_tokens"])
+                    means.add({"nll": -(logprobs.detach() * inputs["response_mask"]).sum() / max(tokens, 1.0)}, weight=tokens)
                     return loss
 
                 self.optimizer_step_over(index, micro_loss)

@@ -51,6 +51,7 @@ class PolicyModelsMixin:
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False  # training forward passes never need the KV cache
+        self.policy.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
 
         self.reference = None
         if reference:

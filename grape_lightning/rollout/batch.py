@@ -31,6 +31,7 @@ class Rollout:
     reward_terms: dict[str, Tensor] = field(default_factory=dict)
     ref_logprobs: Tensor | None = None
     sampling_logprobs: Tensor | None = None
+    generation_seconds: float = 0.0
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
