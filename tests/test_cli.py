@@ -77,3 +77,53 @@ def test_help_and_print_config(tmp_path):
     config = yaml.safe_load(printed)
     assert config["model"]["class_path"] == "grape_lightning.algorithms.SFTModule"
     assert config["data"]["init_args"]["task"]["class_path"] == "grape_lightning.data.tasks.ArithmeticTask"
+
+
+RL_TAGS = {
+    "grpo": {"train/clip_fraction_low", "train/clip_fraction_high", "train/tied_groups", "train/entropy"},
+    "reinforce": {"train/advantage_abs_mean", "train/entropy"},
+    "rejection_sampling": {"train/kept_fraction", "train/nll"},
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(RL_TAGS))
+def test_rl_config_runs_from_the_cli(algorithm, tmp_path):
+    override = {
+        "trainer": {
+            "max_steps": 3,
+            "val_check_interval": 3,
+            "log_every_n_steps": 1,
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
+                {"class_path": "grape_lightning.callbacks.SampleTable", "init_args": {"every_n_steps": 1}},
+                {"class_path": "grape_lightning.callbacks.HFExport"},
+            ],
+        },
+        "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 16}}}},
+    }
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+    result = grape("fit", "--config", str(ROOT / f"configs/{algorithm}.yaml"), "--config", "override.yaml", cwd=tmp_path)
+    assert "initial policy: val/accuracy" in result.stdout + result.stderr
+    run = tmp_path / "runs" / algorithm / "version_0"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {"train/reward", "train/reward_std", "train/reward/numeric_match", "train/response_length",
+                "train/generation_tokens_per_s", "train/invalid_rewards", "val/accuracy", "val/reward"}
+    assert expected | RL_TAGS[algorithm] <= scalars
+    assert [event.step for event in events.Scalars("val/accuracy")][0] == 0  # the initial policy
+    assert "samples/text_summary" in events.Tags()["tensors"]
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "hf" / "config.json").is_file()
+
+
+def test_grpo_under_two_process_ddp_finishes_and_exports(tmp_path):
+    """Each rank samples its own prompts; callbacks that write files must not deadlock the ranks."""
+    override = {"data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 16}}}}}
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+    grape(
+        "fit", "--config", str(ROOT / "configs/grpo.yaml"), "--config", "override.yaml",
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        cwd=tmp_path,
+    )
+    assert (tmp_path / "runs" / "grpo" / "version_0" / "hf" / "model.safetensors").is_file()

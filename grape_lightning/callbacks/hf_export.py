@@ -44,9 +44,10 @@ class HFExport(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "hf"
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        target = self._target(trainer)  # on every rank: ``trainer.log_dir`` is a collective under DDP
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            export_atomically(pl_module, self._target(trainer))
+            export_atomically(pl_module, target)
         trainer.strategy.barrier()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -1,0 +1,54 @@
+"""Each on-policy algorithm raises the greedy validation accuracy of the SFT-warmed tiny model.
+
+Starting point: grape/tiny-addition-sft answers 48% of the 200 held-out two-digit additions
+correctly under greedy decoding. Each run takes 100 optimizer steps (100 rollout batches of
+16 prompts x 8 samples), about ten seconds on two CPU cores.
+"""
+
+import lightning as L
+import pytest
+
+from grape_lightning.algorithms import GRPOModule, OptimizerConfig, REINFORCEModule, RejectionSamplingModule
+from grape_lightning.data.tasks import ArithmeticTask
+from grape_lightning.models import ModelSpec
+from grape_lightning.rewards import NumericMatch
+from grape_lightning.rollout import RolloutDataModule, SamplingParams
+
+ALGORITHMS = {
+    "grpo": (GRPOModule, {"beta": 0.0}),
+    "grpo_kl_token": (GRPOModule, {"beta": 0.01, "aggregation": "token", "eps_high": 0.28}),
+    "reinforce": (REINFORCEModule, {"baseline": "leave_one_out"}),
+    "rejection_sampling": (RejectionSamplingModule, {"keep_top_k": 1, "reward_threshold": 1.0}),
+}
+
+
+def _val_accuracy(trainer, module, datamodule) -> float:
+    return trainer.validate(module, datamodule, verbose=False)[0]["val/accuracy"]
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_validation_accuracy_rises(name, tmp_path):
+    L.seed_everything(0)
+    module_class, options = ALGORITHMS[name]
+    module = module_class(
+        policy=ModelSpec(name_or_path="grape/tiny-addition-sft"),
+        rewards=[NumericMatch()],
+        sampling=SamplingParams(max_new_tokens=6, temperature=1.0),
+        optimizer=OptimizerConfig(lr=2e-4),
+        **options,
+    )
+    datamodule = RolloutDataModule(
+        task=ArithmeticTask(digits=2, operators="+", num_train=3000, num_val=200),
+        group_size=8, batch_size=16, val_batch_size=200,
+    )
+    trainer = L.Trainer(
+        max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1.0,
+        val_check_interval=1000, check_val_every_n_epoch=None, default_root_dir=tmp_path,
+    )
+    before = _val_accuracy(trainer, module, datamodule)
+    trainer.fit(module, datamodule)
+    after = _val_accuracy(trainer, module, datamodule)
+    print(f"{name}: greedy val accuracy {before:.3f} -> {after:.3f}")
+    assert trainer.global_step == 100
+    assert after >= before + 0.08

@@ -1,0 +1,114 @@
+"""On-policy module mechanics: invalid rewards, first-iteration ratios, step counts, selection, resume."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from grape_lightning.algorithms import GRPOModule, OptimizerConfig, REINFORCEModule
+from grape_lightning.algorithms.rejection_sampling import select_best
+from grape_lightning.data.tasks import ArithmeticTask
+from grape_lightning.rewards import NumericMatch, RewardFunction
+from grape_lightning.rollout import RolloutDataModule, SamplingParams
+from tests.conftest import tiny_spec
+
+
+class SometimesMissing(RewardFunction):
+    """Scores the length of the response but cannot score every third one."""
+
+    def __call__(self, prompts, responses, metadata):
+        return [None if i % 3 == 0 else float(len(r) % 2) for i, r in enumerate(responses)]
+
+
+class LengthParity(RewardFunction):
+    """A reward a random tiny model already varies on: 1 for responses of odd length."""
+
+    def __call__(self, prompts, responses, metadata):
+        return [float(len(r) % 2) for r in responses]
+
+
+def _datamodule(**kwargs):
+    options = {"task": ArithmeticTask(num_train=64, num_val=8), "group_size": 4, "batch_size": 4, **kwargs}
+    return RolloutDataModule(**options)
+
+
+def _trainer(tmp_path, max_steps, **kwargs):
+    options = dict(
+        max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**options, **kwargs})
+
+
+def test_invalid_rewards_are_masked_out_and_counted(tmp_path):
+    module = GRPOModule(tiny_spec(), rewards=[SometimesMissing()], sampling=SamplingParams(max_new_tokens=4), beta=0.01)
+    datamodule = _datamodule()
+    datamodule.set_tokenizer(module.tokenizer)
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    rollout = module.collect_rollout(batch)
+    assert (~rollout.valid).sum() == 6  # rows 0, 3, 6, 9, 12, 15
+    assert torch.isnan(rollout.rewards[~rollout.valid]).all()
+    before = [p.detach().clone() for p in module.policy.parameters()]
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(module, datamodule)
+    assert trainer.callback_metrics["train/invalid_rewards"] == 6
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.policy.parameters()))
+
+
+def test_first_iteration_ratio_is_one_and_old_logprobs_match_sampler():
+    module = GRPOModule(tiny_spec(dtype="float64"), rewards=[NumericMatch()], sampling=SamplingParams(max_new_tokens=5, temperature=0.9))
+    datamodule = _datamodule()
+    datamodule.set_tokenizer(module.tokenizer)
+    datamodule.setup()
+    rollout = module.collect_rollout(next(iter(datamodule.train_dataloader())))
+    torch.testing.assert_close(rollout.old_logprobs, rollout.sampling_logprobs, rtol=1e-9, atol=1e-9)
+    inputs = rollout.model_inputs(torch.arange(len(rollout)))
+    current = module.policy_logprobs(inputs, temperature=0.9).logprobs
+    ratio = torch.exp(current - rollout.take("old_logprobs", torch.arange(len(rollout))))
+    assert torch.allclose(ratio[inputs["response_mask"]], torch.ones((), dtype=torch.float64), atol=1e-12)
+    assert rollout.ref_logprobs is not None  # beta > 0 by default keeps a reference
+
+
+def test_grpo_takes_iterations_times_minibatches_steps(tmp_path):
+    module = GRPOModule(
+        tiny_spec(), rewards=[NumericMatch()], sampling=SamplingParams(max_new_tokens=3),
+        num_iterations=2, mini_batch_size=8, micro_batch_size=3, beta=0.0,
+    )
+    trainer = _trainer(tmp_path, 8)
+    trainer.fit(module, _datamodule())  # 16 sequences a rollout: 2 iterations x 2 mini-batches
+    assert trainer.global_step == 8
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2
+
+
+def test_select_best_keeps_top_k_per_group_above_threshold():
+    rewards = torch.tensor([0.1, 0.9, 0.5, float("nan"), 0.3, 0.3, 0.0, 0.2], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    valid = ~torch.isnan(rewards)
+    assert select_best(rewards, groups, valid, 2, None).tolist() == [False, True, True, False, True, True, False, False]
+    assert select_best(rewards, groups, valid, 2, 0.4).tolist() == [False, True, True, False, False, False, False, False]
+    assert select_best(rewards, groups, valid, 1, None).tolist() == [False, True, False, False, True, False, False, False]
+
+
+@pytest.mark.parametrize("module_class, options", [(GRPOModule, {"beta": 0.02}), (REINFORCEModule, {"baseline": "moving_average"})])
+def test_resume_mid_run_reproduces_the_uninterrupted_run(tmp_path, module_class, options):
+    def make():
+        L.seed_everything(0)
+        return module_class(
+            tiny_spec(), rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=4),
+            optimizer=OptimizerConfig(lr=1e-3), **options,
+        )
+
+    full = make()
+    initial = [p.detach().clone() for p in full.policy.parameters()]
+    _trainer(tmp_path / "full", 6).fit(full, _datamodule())
+    assert any(not torch.equal(a, b) for a, b in zip(initial, full.policy.parameters()))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    _trainer(tmp_path / "a", 3, callbacks=[checkpoint], enable_checkpointing=True).fit(make(), _datamodule())
+    resumed = make()
+    _trainer(tmp_path / "b", 6).fit(resumed, _datamodule(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt"))
+    for ours, reference in zip(resumed.parameters(), full.parameters()):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    for ours, reference in zip(resumed.buffers(), full.buffers()):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
