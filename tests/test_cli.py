@@ -127,3 +127,21 @@ def test_grpo_under_two_process_ddp_finishes_and_exports(tmp_path):
         cwd=tmp_path,
     )
     assert (tmp_path / "runs" / "grpo" / "version_0" / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("algorithm, tags", [
+    ("dpo", {"train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen", "val/rewards/chosen", "val/accuracy"}),
+    ("reward_model", {"train/loss", "train/accuracy", "train/margin", "val/accuracy", "val/margin"}),
+])
+def test_preference_config_runs_from_the_cli(algorithm, tags, tmp_path):
+    override = {
+        "trainer": {"max_steps": 4, "val_check_interval": 2, "log_every_n_steps": 1},
+        "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 16}}}},
+    }
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+    grape("fit", "--config", str(ROOT / f"configs/{algorithm}.yaml"), "--config", "override.yaml", cwd=tmp_path)
+    run = tmp_path / "runs" / algorithm / "version_0"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert tags <= set(events.Tags()["scalars"])
+    assert (run / "hf" / "config.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()

@@ -1,14 +1,16 @@
 """One LightningModule per algorithm."""
 
 from grape_lightning.algorithms.base import PolicyModule
+from grape_lightning.algorithms.dpo import DPOModule
 from grape_lightning.algorithms.grpo import GRPOModule
 from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.algorithms.reinforce import REINFORCEModule
 from grape_lightning.algorithms.rejection_sampling import RejectionSamplingModule
+from grape_lightning.algorithms.reward_model import RewardModelModule
 from grape_lightning.algorithms.sft import SFTModule
 
 __all__ = [
-    "GRPOModule", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "REINFORCEModule",
-    "RejectionSamplingModule", "SFTModule",
+    "DPOModule", "GRPOModule", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "REINFORCEModule",
+    "RejectionSamplingModule", "RewardModelModule", "SFTModule",
 ]

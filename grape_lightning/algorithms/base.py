@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 from typing import Any
 
 import lightning as L
@@ -34,6 +35,15 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, _PLAIN_SCALARS) else None
 
 
+def save_plain_hyperparameters(module: L.LightningModule, frame: types.FrameType | None = None, **values: Any) -> None:
+    """``save_hyperparameters`` of the ``__init__`` arguments (of ``frame``, by default the caller's),
+    made plain (see :func:`_plain`); ``values`` adds or replaces entries (resolved dataclasses)."""
+    module.save_hyperparameters(frame=frame or inspect.currentframe().f_back)  # type: ignore[union-attr]
+    module.hparams.update(values)
+    for key, value in list(module.hparams.items()):
+        module.hparams[key] = _plain(value)
+
+
 class PolicyModule(PolicyModelsMixin, L.LightningModule):
     """Base of the algorithm modules. Subclasses call :meth:`build_models` and define the steps."""
 
@@ -42,13 +52,7 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
         self.optimizer_config: OptimizerConfig = as_dataclass(optimizer, OptimizerConfig) or OptimizerConfig()
 
     def save_plain_hyperparameters(self, **values: Any) -> None:
-        """``save_hyperparameters`` of the subclass ``__init__`` arguments, made plain (see
-        :func:`_plain`); ``values`` adds or replaces entries (already-resolved dataclasses)."""
-        caller = inspect.currentframe().f_back  # type: ignore[union-attr]  # the subclass __init__
-        self.save_hyperparameters(frame=caller)
-        self.hparams.update(values)
-        for key, value in list(self.hparams.items()):
-            self.hparams[key] = _plain(value)
+        save_plain_hyperparameters(self, inspect.currentframe().f_back, **values)  # type: ignore[union-attr]
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps the schedule spans (the Trainer's estimate unless a subclass knows better)."""

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from grape_lightning.assets import builtin_model_path
 from grape_lightning.data.char_tokenizer import build_char_tokenizer, is_char_tokenizer_name
@@ -43,15 +50,30 @@ def load_tokenizer(spec: ModelSpec | str) -> PreTrainedTokenizerBase:
 
 def load_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A causal LM from the hub or a directory, or built from ``spec.config`` with seeded random weights."""
+    return _load(AutoModelForCausalLM, spec, tokenizer)
+
+
+def load_sequence_scorer(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A transformer with a scalar head (sequence classification, one label): a reward model.
+
+    From a causal-LM checkpoint (an SFT model, say) the trunk is loaded and the head starts fresh.
+    """
+    model = _load(AutoModelForSequenceClassification, spec, tokenizer, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _load(auto_class: type, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, **overrides: object) -> PreTrainedModel:
     dtype = resolve_dtype(spec.dtype)
     extra = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
     if spec.name_or_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             resolve_name(spec.name_or_path),
             dtype=dtype,
             revision=spec.revision,
             trust_remote_code=spec.trust_remote_code,
             **extra,
+            **overrides,
             **spec.from_pretrained_kwargs,
         )
     else:
@@ -60,13 +82,13 @@ def load_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTr
         config_kwargs.setdefault("vocab_size", len(tokenizer))
         for token in ("pad", "bos", "eos"):
             config_kwargs.setdefault(f"{token}_token_id", getattr(tokenizer, f"{token}_token_id"))
-        config = AutoConfig.for_model(model_type, **config_kwargs)
+        config = AutoConfig.for_model(model_type, **config_kwargs, **overrides)
         if config.vocab_size < len(tokenizer):
             raise ValueError(f"config vocab_size {config.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
         # Seeded without touching the global RNG, so every rank (and every re-run) builds the same weights.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype if dtype != "auto" else None, **extra)
-    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+            model = auto_class.from_config(config, dtype=dtype if dtype != "auto" else None, **extra)
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

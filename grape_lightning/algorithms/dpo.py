@@ -1,0 +1,158 @@
+"""Direct Preference Optimization (and IPO, hinge, conservative DPO) with an optional SFT term."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from grape_lightning.algorithms.base import PolicyModule, as_dataclass
+from grape_lightning.algorithms.optim import OptimizerConfig
+from grape_lightning.data.preference import collate_pairs
+from grape_lightning.losses.dpo import DPOLossType, dpo_loss
+from grape_lightning.losses.sft import sft_loss
+from grape_lightning.models.logprobs import response_logprobs
+from grape_lightning.models.spec import ModelSpec
+
+ReferenceMode = Literal["online", "precompute"]
+
+
+class DPOModule(PolicyModule):
+    """DPO on batches of :class:`~grape_lightning.data.preference.PreferenceDataModule` (chosen and
+    rejected concatenated, one forward pass).
+
+    Loss: :func:`~grape_lightning.losses.dpo.dpo_loss` of type ``loss_type`` on sequence log-probs
+    (sums over response tokens; per-token means when ``length_normalize``, the default for IPO),
+    plus ``sft_weight`` times the chosen responses' token-mean NLL.
+
+    Reference log-probs:
+
+    - ``online``: a frozen copy of the initial policy scores every batch;
+    - ``precompute``: before training the initial policy scores every pair once (train and
+      validation); the values are cached on disk (``reference_cache_dir``, keyed by model and
+      data) and stored in checkpoints, and no reference model is kept in memory.
+    """
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        optimizer: OptimizerConfig | None = None,
+        beta: float = 0.1,
+        loss_type: DPOLossType = "sigmoid",
+        label_smoothing: float = 0.0,
+        sft_weight: float = 0.0,
+        length_normalize: bool | None = None,
+        reference_logprobs: ReferenceMode = "online",
+        reference_cache_dir: str | None = None,
+        gradient_checkpointing: bool = False,
+        logprob_chunk_size: int = 1024,
+    ) -> None:
+        super().__init__(optimizer)
+        policy = as_dataclass(policy, ModelSpec)
+        self.save_plain_hyperparameters(policy=policy, optimizer=self.optimizer_config)
+        if reference_logprobs not in ("online", "precompute"):
+            raise ValueError(f"reference_logprobs must be 'online' or 'precompute', got {reference_logprobs!r}")
+        self.build_models(policy, reference=reference_logprobs == "online", gradient_checkpointing=gradient_checkpointing)
+        self.beta = beta
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.sft_weight = sft_weight
+        self.length_normalize = loss_type == "ipo" if length_normalize is None else length_normalize
+        self.reference_mode = reference_logprobs
+        self.reference_cache_dir = reference_cache_dir
+        self.logprob_chunk_size = logprob_chunk_size
+        self.reference_cache: dict[str, Tensor] = {}  # split -> [pairs, 2] (chosen, rejected)
+
+    # -- log-probs -------------------------------------------------------------------------------
+    def sequence_logps(self, token_logprobs: Tensor, mask: Tensor) -> Tensor:
+        mask = mask.to(token_logprobs.dtype)
+        total = (token_logprobs * mask).sum(-1)
+        return total / mask.sum(-1).clamp(min=1) if self.length_normalize else total
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        if self.reference_mode == "online":
+            return self.sequence_logps(self.reference_logprobs(batch, chunk_size=self.logprob_chunk_size), batch["response_mask"])
+        pairs = self.reference_cache[split][batch["pair_ids"].cpu()].to(self.device)
+        return torch.cat([pairs[:, 0], pairs[:, 1]])
+
+    # -- the reference cache ---------------------------------------------------------------------
+    def _cache_key(self, pairs: dict[str, list[dict[str, Any]]]) -> str:
+        digest = hashlib.sha256(json.dumps(self.hparams["policy"], sort_keys=True).encode())
+        digest.update(str(self.length_normalize).encode())
+        for split in sorted(pairs):
+            for pair in pairs[split]:
+                digest.update(json.dumps([pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]]).encode())
+        return digest.hexdigest()[:24]
+
+    @torch.no_grad()
+    def _score_pairs(self, pairs: list[dict[str, Any]], batch_size: int) -> Tensor:
+        values = []
+        was_training = self.policy.training
+        self.policy.eval()
+        for start in range(0, len(pairs), batch_size):
+            batch = collate_pairs(pairs[start : start + batch_size], self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            token = response_logprobs(self.policy, batch["input_ids"], batch["response_mask"], batch["attention_mask"], chunk_size=self.logprob_chunk_size)
+            logps = self.sequence_logps(token.logprobs, batch["response_mask"])
+            half = len(batch["pair_ids"])
+            values.append(torch.stack([logps[:half], logps[half:]], dim=1).cpu())
+        self.policy.train(was_training)
+        return torch.cat(values) if values else torch.zeros(0, 2)
+
+    def on_fit_start(self) -> None:
+        if self.reference_mode != "precompute" or self.reference_cache:
+            return  # online, or restored from a checkpoint (never recomputed with trained weights)
+        datamodule = self.trainer.datamodule
+        pairs = {"train": datamodule.train_pairs, "val": datamodule.val_pairs}
+        directory = Path(self.reference_cache_dir or Path(self.trainer.default_root_dir) / "reference_logps")
+        path = directory / f"{self._cache_key(pairs)}.pt"
+        if path.is_file():
+            self.reference_cache = torch.load(path, weights_only=True)
+            rank_zero_info(f"reference log-probs loaded from {path}")
+            return
+        self.reference_cache = {split: self._score_pairs(items, datamodule.val_batch_size) for split, items in pairs.items()}
+        if self.trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            torch.save(self.reference_cache, partial)
+            partial.replace(path)
+            rank_zero_info(f"reference log-probs of {sum(len(v) for v in pairs.values())} pairs cached in {path}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.reference_cache:
+            checkpoint["reference_logps"] = self.reference_cache
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.reference_cache = checkpoint.get("reference_logps", {})
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        token = self.policy_logprobs(batch, chunk_size=self.logprob_chunk_size)
+        logps = self.sequence_logps(token.logprobs, batch["response_mask"])
+        ref_logps = self._reference_logps(batch, "train" if stage == "train" else "val")
+        pairs = len(batch["pair_ids"])
+        loss, metrics = dpo_loss(
+            logps[:pairs], logps[pairs:], ref_logps[:pairs], ref_logps[pairs:],
+            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+        )
+        if self.sft_weight:
+            nll, _ = sft_loss(token.logprobs[:pairs], batch["response_mask"][:pairs])
+            loss = loss + self.sft_weight * nll
+            metrics["sft_nll"] = nll.detach()
+        log = {"on_step": stage == "train", "on_epoch": stage != "train", "batch_size": pairs, "sync_dist": stage != "train"}
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("loss", "rewards/accuracies"), **log)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")

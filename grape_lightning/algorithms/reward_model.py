@@ -1,0 +1,76 @@
+"""Bradley-Terry reward model: a scalar head on the last real token, trained on preference pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from grape_lightning.algorithms.base import as_dataclass, save_plain_hyperparameters
+from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer
+from grape_lightning.losses.bradley_terry import bradley_terry_loss
+from grape_lightning.models.loading import load_sequence_scorer, load_tokenizer
+from grape_lightning.models.scores import last_token_scores
+from grape_lightning.models.spec import ModelSpec
+
+
+class RewardModelModule(L.LightningModule):
+    """Trains r(x, y) with L = -mean log sigmoid(r(x, y_w) - r(x, y_l) - m) on batches of
+    :class:`~grape_lightning.data.preference.PreferenceDataModule`.
+
+    ``model`` may point at a causal LM (an SFT checkpoint: its trunk is kept, the scalar head
+    starts fresh), at a saved reward model, or be built from a config. The margin m is
+    ``margin`` plus each pair's own ``margin`` from the data (0 when absent). The trained model is
+    a Hugging Face sequence-classification model (``export_hf`` / the ``HFExport`` callback), usable
+    as a reward function through :class:`~grape_lightning.rewards.RewardModelScore`.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        optimizer: OptimizerConfig | None = None,
+        margin: float = 0.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        model = as_dataclass(model, ModelSpec)
+        self.optimizer_config: OptimizerConfig = as_dataclass(optimizer, OptimizerConfig) or OptimizerConfig()
+        save_plain_hyperparameters(self, model=model, optimizer=self.optimizer_config)
+        self.tokenizer = load_tokenizer(model)
+        self.reward_model = load_sequence_scorer(model, self.tokenizer)
+        if gradient_checkpointing:
+            self.reward_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.reward_model.train()
+        self.margin = margin
+
+    def scores(self, batch: dict[str, Tensor]) -> Tensor:
+        return last_token_scores(self.reward_model, batch["input_ids"], batch["attention_mask"])
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        scores = self.scores(batch)
+        pairs = len(batch["pair_ids"])
+        loss, metrics = bradley_terry_loss(scores[:pairs], scores[pairs:], self.margin + batch["margins"].to(scores.dtype))
+        log = {"on_step": stage == "train", "on_epoch": stage != "train", "batch_size": pairs, "sync_dist": stage != "train"}
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("loss", "accuracy"), **log)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer([self.reward_model], self.optimizer_config, int(self.trainer.estimated_stepping_batches))
+
+    def export_hf(self, directory: str | Path) -> Path:
+        """Save the reward model and tokenizer with ``save_pretrained``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.reward_model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        return directory
