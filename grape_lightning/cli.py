@@ -19,6 +19,7 @@ from grape_lightning.checkpointing import AtomicCheckpointIO
 import grape_lightning.callbacks  # noqa: F401
 import grape_lightning.data  # noqa: F401
 import grape_lightning.rewards  # noqa: F401
+import grape_lightning.rewards.critics  # noqa: F401
 import grape_lightning.rollout  # noqa: F401
 
 

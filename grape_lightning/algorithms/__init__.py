@@ -2,6 +2,7 @@
 
 from grape_lightning.algorithms.base import PolicyModule
 from grape_lightning.algorithms.dpo import DPOModule
+from grape_lightning.algorithms.grape import GRAPEModule, OffPolicyConfig
 from grape_lightning.algorithms.grpo import GRPOModule
 from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.algorithms.optim import OptimizerConfig
@@ -11,6 +12,6 @@ from grape_lightning.algorithms.reward_model import RewardModelModule
 from grape_lightning.algorithms.sft import SFTModule
 
 __all__ = [
-    "DPOModule", "GRPOModule", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "REINFORCEModule",
+    "DPOModule", "GRAPEModule", "GRPOModule", "OffPolicyConfig", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "REINFORCEModule",
     "RejectionSamplingModule", "RewardModelModule", "SFTModule",
 ]

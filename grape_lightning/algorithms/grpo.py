@@ -77,10 +77,14 @@ class GRPOModule(OnPolicyModule):
         """Per-sequence advantages (overridden by GRAPE)."""
         return group_relative_advantages(rollout.rewards, rollout.groups, rollout.valid, self.reward_scaling)
 
+    def trained_rows(self, rollout: Rollout, advantages: Tensor, tied_groups: Tensor) -> Tensor:
+        """[N] bool: the responses that enter the loss (overridden by GRAPE for off-policy members)."""
+        return rollout.valid & ~tied_groups[rollout.groups] if self.filter_tied_groups else rollout.valid
+
     def update(self, rollout: Rollout) -> None:
         advantages = self.advantages(rollout)
         tied = group_statistics(rollout.rewards, rollout.groups, rollout.valid).tied
-        trained = rollout.valid & ~tied[rollout.groups] if self.filter_tied_groups else rollout.valid
+        trained = self.trained_rows(rollout, advantages, tied)
         means = RunningMeans()
         for iteration in range(self.num_iterations):
             for index in self.minibatches(trained.nonzero().flatten(), self.mini_batch_size, salt=iteration):

@@ -24,9 +24,9 @@ from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.models.logprobs import response_logprobs
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.base import RewardFunction
-from grape_lightning.rewards.combined import CombinedReward
+from grape_lightning.rewards.combined import CombinedReward, RewardScores
 from grape_lightning.rollout.batch import Rollout, minibatch_indices
-from grape_lightning.rollout.engine import GenerationEngine
+from grape_lightning.rollout.engine import Generation, GenerationEngine
 from grape_lightning.rollout.kv_cache_engine import KVCacheEngine
 from grape_lightning.rollout.sampling import SamplingParams
 
@@ -86,6 +86,7 @@ class OnPolicyModule(PolicyModule):
         self.logprob_chunk_size = logprob_chunk_size
         self.seed = seed
         self.last_samples: list[dict[str, Any]] = []
+        self.initial_metrics: dict[str, float] = {}
 
     # -- rollout ---------------------------------------------------------------------------------
     def _generator(self) -> torch.Generator:
@@ -120,12 +121,13 @@ class OnPolicyModule(PolicyModule):
         generation_seconds = time.perf_counter() - start
         self.policy.train(was_training)
 
+        if not sampling.greedy:
+            generation, batch = self.extend_sample_set(batch, generation)
         responses = self.tokenizer.batch_decode(
             [ids[mask].tolist() for ids, mask in zip(generation.input_ids, generation.response_mask)], skip_special_tokens=True
         )
-        if self.reward is None:
-            raise ValueError(f"{type(self).__name__} needs 'rewards' to score rollouts")
-        scores = self.reward(batch["prompts"], responses, batch["metadata"])
+        groups = batch["groups"].to(self.device)
+        scores = self.score(batch["prompts"], responses, batch["metadata"], groups)
         rollout = Rollout(
             input_ids=generation.input_ids,
             attention_mask=generation.attention_mask,
@@ -134,11 +136,13 @@ class OnPolicyModule(PolicyModule):
             sampling_logprobs=generation.logprobs,
             rewards=scores.total.to(self.device),
             valid=scores.valid.to(self.device),
-            groups=batch["groups"].to(self.device),
+            groups=groups,
             prompts=batch["prompts"],
             responses=responses,
             metadata=batch["metadata"],
             reward_terms=scores.per_function,
+            off_policy=batch.get("off_policy", torch.zeros(len(responses), dtype=torch.bool)).to(self.device),
+            details=scores.details,
         )
         if not sampling.greedy:
             rollout.old_logprobs = self._in_micro_batches(
@@ -150,6 +154,17 @@ class OnPolicyModule(PolicyModule):
                 )
         rollout.generation_seconds = generation_seconds
         return rollout
+
+    def extend_sample_set(self, batch: dict[str, Any], generation: Generation) -> tuple[Generation, dict[str, Any]]:
+        """Hook for algorithms whose sample set holds more than the policy's samples (GRAPE's
+        off-policy responses): returns the extended generation and batch; here, both unchanged."""
+        return generation, batch
+
+    def score(self, prompts: list[str], responses: list[str], metadata: list[dict[str, Any]], groups: Tensor) -> RewardScores:
+        """Rewards of the sampled responses (``groups`` lets sample-set-aware scorers see the sets)."""
+        if self.reward is None:
+            raise ValueError(f"{type(self).__name__} needs 'rewards' to score rollouts")
+        return self.reward(prompts, responses, metadata)
 
     # -- optimisation ----------------------------------------------------------------------------
     def optimizer_step_over(self, index: Tensor, micro_loss: Callable[[Tensor], Tensor]) -> None:
@@ -215,6 +230,7 @@ class OnPolicyModule(PolicyModule):
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         count = max(float(totals[2]), 1.0)
         metrics = {"val/accuracy": float(totals[0]) / count, "val/reward": float(totals[1]) / count}
+        self.initial_metrics = metrics
         for logger in self.loggers:
             logger.log_metrics(metrics, step=0)
         rank_zero_info(f"initial policy: val/accuracy {metrics['val/accuracy']:.3f}, val/reward {metrics['val/reward']:.3f}")
@@ -240,9 +256,10 @@ class OnPolicyModule(PolicyModule):
         if on_step:
             tokens = float(rollout.response_mask.sum())
             self.log("train/generation_tokens_per_s", tokens / max(rollout.generation_seconds, 1e-9), **log)
+            details = rollout.details or [{} for _ in rollout.responses]
             self.last_samples = [
-                {"prompt": p, "response": r, "reward": float(w)}
-                for p, r, w in zip(rollout.prompts, rollout.responses, rollout.rewards.tolist())
+                {"prompt": p, "response": r, "reward": float(w), **extra}
+                for p, r, w, extra in zip(rollout.prompts, rollout.responses, rollout.rewards.tolist(), details)
             ]
 
     def log_metrics(self, metrics: dict[str, float], prefix: str = "train/") -> None:

@@ -3,9 +3,20 @@
 from grape_lightning.rewards.base import RewardFunction
 from grape_lightning.rewards.combined import CombinedReward, RewardScores
 from grape_lightning.rewards.reward_model import RewardModelScore
-from grape_lightning.rewards.verifiers import ExactMatch, FormatReward, LengthPenalty, NumericMatch, RegexMatch, TaskVerifier
+from grape_lightning.rewards.code_execution import UnitTests
+from grape_lightning.rewards.verifiers import (
+    ExactMatch,
+    FormatReward,
+    JSONSchemaMatch,
+    LengthPenalty,
+    NumericMatch,
+    PythonCallable,
+    RegexMatch,
+    TaskVerifier,
+)
 
 __all__ = [
-    "CombinedReward", "ExactMatch", "FormatReward", "LengthPenalty", "NumericMatch", "RegexMatch",
+    "CombinedReward", "ExactMatch", "FormatReward", "JSONSchemaMatch", "LengthPenalty", "NumericMatch",
+    "PythonCallable", "RegexMatch", "UnitTests",
     "RewardFunction", "RewardModelScore", "RewardScores", "TaskVerifier",
 ]

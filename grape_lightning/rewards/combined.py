@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ class RewardScores:
     total: Tensor  # [batch] float64
     valid: Tensor  # [batch] bool
     per_function: dict[str, Tensor]  # name -> [batch] raw (unweighted) values, NaN where missing
+    details: list[dict[str, Any]] = field(default_factory=list)  # per response, for sample tables
 
 
 class CombinedReward:

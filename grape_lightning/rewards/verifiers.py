@@ -101,3 +101,58 @@ class TaskVerifier(RewardFunction):
 
     def __call__(self, prompts, responses, metadata):
         return [None if "answer" not in meta else self.task.verify(response, meta["answer"]) for response, meta in zip(responses, metadata)]
+
+
+def _strip_code_fence(text: str) -> str:
+    stripped = text.strip()
+    if stripped.startswith("```"):
+        stripped = stripped.split("\n", 1)[1] if "\n" in stripped else ""
+        stripped = stripped.rsplit("```", 1)[0]
+    return stripped.strip()
+
+
+class JSONSchemaMatch(RewardFunction):
+    """1 if the response (optionally inside a ``` fence) parses as JSON valid under ``schema``, else 0."""
+
+    def __init__(self, schema: dict[str, Any], weight: float = 1.0, name: str | None = None) -> None:
+        super().__init__(weight, name)
+        import jsonschema
+
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+        self.validator = jsonschema.validators.validator_for(schema)(schema)
+
+    def __call__(self, prompts, responses, metadata):
+        import json
+
+        rewards: list[float | None] = []
+        for response in responses:
+            try:
+                rewards.append(float(self.validator.is_valid(json.loads(_strip_code_fence(response)))))
+            except ValueError:
+                rewards.append(0.0)
+        return rewards
+
+
+class PythonCallable(RewardFunction):
+    """A user function ``function(prompt, response, metadata) -> float | None`` named by import path
+    ("package.module:function"), called once per response."""
+
+    def __init__(self, function: str, weight: float = 1.0, name: str | None = None) -> None:
+        super().__init__(weight, name or function.rsplit(":", 1)[-1])
+        self.function = import_callable(function)
+
+    def __call__(self, prompts, responses, metadata):
+        return [self.function(p, r, m) for p, r, m in zip(prompts, responses, metadata)]
+
+
+def import_callable(path: str) -> Any:
+    """``"package.module:attribute"`` -> the object, with an error that says what was wrong."""
+    import importlib
+
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"expected 'package.module:function', got {path!r}")
+    target = getattr(importlib.import_module(module_name), attribute, None)
+    if not callable(target):
+        raise ValueError(f"{path!r} is not a callable")
+    return target

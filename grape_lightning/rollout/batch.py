@@ -31,6 +31,8 @@ class Rollout:
     reward_terms: dict[str, Tensor] = field(default_factory=dict)
     ref_logprobs: Tensor | None = None
     sampling_logprobs: Tensor | None = None
+    off_policy: Tensor | None = None  # [N] bool: responses not sampled from pi_old (GRAPE)
+    details: list[dict[str, Any]] = field(default_factory=list)  # per-response extras for sample tables
     generation_seconds: float = 0.0
 
     def __len__(self) -> int:

@@ -1,0 +1,34 @@
+"""Print where a run started and ended, and where its logs are."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class RunSummary(L.Callback):
+    """At the end of ``fit``: validation ``metric`` of the initial policy (logged at step 0 by the
+    on-policy modules) and of the final one, the wall time, and the TensorBoard log directory."""
+
+    def __init__(self, metric: str = "val/accuracy") -> None:
+        self.metric = metric
+        self._start_time = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        self._start_time = time.perf_counter()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        before = getattr(pl_module, "initial_metrics", {}).get(self.metric)
+        after = trainer.callback_metrics.get(self.metric)
+        minutes = (time.perf_counter() - self._start_time) / 60
+        parts = [f"{self.metric}: before {before:.3f}" if before is not None else f"{self.metric}: before n/a"]
+        parts.append(f"after {float(after):.3f}" if after is not None else "after n/a")
+        rank_zero_info(
+            f"\n{' -> '.join(parts)} ({trainer.global_step} steps, {minutes:.1f} min)\n"
+            f"TensorBoard logs: {log_dir}  (tensorboard --logdir {trainer.default_root_dir if log_dir is None else log_dir})"
+        )

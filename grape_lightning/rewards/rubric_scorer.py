@@ -1,0 +1,117 @@
+"""Score every (response, rubric item) pair: verifiers, critics and reward models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grape_lightning.rewards.base import RewardFunction, is_missing
+from grape_lightning.rewards.code_execution import UnitTests
+from grape_lightning.rewards.critics.base import Critic, JudgeRequest, checked
+from grape_lightning.rewards.reward_model import RewardModelScore
+from grape_lightning.rewards.rubric import Rubric, RubricItem
+from grape_lightning.rewards.verifiers import ExactMatch, JSONSchemaMatch, NumericMatch, PythonCallable, RegexMatch
+
+
+@dataclass
+class RubricScores:
+    """Column k is ``keys[k]`` = "category/item"."""
+
+    keys: list[str]
+    weights: Tensor  # [K]
+    scores: Tensor  # [N, K]
+    confidences: Tensor  # [N, K]
+    applicable: Tensor  # [N, K] bool
+    failed: Tensor  # [N, K] bool
+    critiques: list[dict[str, str]] = field(default_factory=list)  # per response: item -> critique
+
+
+def verifier_for(item: RubricItem) -> RewardFunction:
+    """The reward function behind a verifiable item (its confidence is always 1)."""
+    params = item.params
+    check = params["check"]
+    if check == "exact_match":
+        return ExactMatch(answer_key=params.get("answer_key", "answer"))
+    if check == "numeric_match":
+        return NumericMatch(answer_key=params.get("answer_key", "answer"), tolerance=params.get("tolerance", 1e-6))
+    if check == "regex":
+        return RegexMatch(params["pattern"])
+    if check == "json_schema":
+        return JSONSchemaMatch(params["schema"])
+    if check == "python":
+        return PythonCallable(params["function"])
+    return UnitTests(tests=params.get("tests"), timeout=params.get("timeout", 10.0))
+
+
+class RubricScorer:
+    """Evaluates a :class:`Rubric` on a batch of responses.
+
+    Verifiable items: s = the check's value, c = 1 (a check that cannot run, e.g. no reference
+    answer, fails). Judged items: the named critic's score and confidence (failures and garbage:
+    failed). Reward-model items: s = sigmoid(r(x, y)), c = 1.
+    """
+
+    def __init__(self, rubric: Rubric, critics: dict[str, Critic] | None = None) -> None:
+        self.rubric = rubric
+        self.critics = critics or {}
+        self.columns = rubric.item_keys
+        self.evaluators: list[Any] = []
+        for category, item in self.columns:
+            if item.kind == "verifiable":
+                self.evaluators.append(verifier_for(item))
+            elif item.kind == "judged":
+                if item.params["critic"] not in self.critics:
+                    raise ValueError(
+                        f"{rubric.source}: item {category}/{item.name} needs critic {item.params['critic']!r}; "
+                        f"configured critics: {sorted(self.critics)}"
+                    )
+                self.evaluators.append(self.critics[item.params["critic"]])
+            else:
+                self.evaluators.append(RewardModelScore(item.params["path"]))
+
+    @property
+    def keys(self) -> list[str]:
+        return [f"{category}/{item.name}" for category, item in self.columns]
+
+    def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict[str, Any]]) -> RubricScores:
+        n, k = len(responses), len(self.columns)
+        scores = torch.zeros(n, k, dtype=torch.float64)
+        confidences = torch.zeros(n, k, dtype=torch.float64)
+        failed = torch.zeros(n, k, dtype=torch.bool)
+        categories = [self.rubric.category_of(m) for m in metadata]
+        applicable = torch.tensor([[c == column[0] for column in self.columns] for c in categories], dtype=torch.bool).reshape(n, k)
+        critiques: list[dict[str, str]] = [{} for _ in responses]
+        for column, ((category, item), evaluator) in enumerate(zip(self.columns, self.evaluators)):
+            rows = applicable[:, column].nonzero().flatten().tolist()
+            if not rows:
+                continue
+            sub_prompts, sub_responses = [prompts[i] for i in rows], [responses[i] for i in rows]
+            sub_metadata = [metadata[i] for i in rows]
+            if item.kind == "judged":
+                requests = [
+                    JudgeRequest(p, r, item.name, item.params["question"], None if m.get("answer") is None else str(m["answer"]))
+                    for p, r, m in zip(sub_prompts, sub_responses, sub_metadata)
+                ]
+                for row, judgement in zip(rows, evaluator.judge(requests)):
+                    judgement = checked(judgement)
+                    if judgement is None:
+                        failed[row, column] = True
+                        continue
+                    scores[row, column], confidences[row, column] = judgement.score, judgement.confidence
+                    critiques[row][item.name] = judgement.critique
+                continue
+            values = evaluator(sub_prompts, sub_responses, sub_metadata)
+            for row, value in zip(rows, values):
+                if is_missing(value):
+                    failed[row, column] = True
+                    continue
+                value = float(torch.sigmoid(torch.tensor(value))) if item.kind == "reward_model" else float(value)
+                if not 0.0 <= value <= 1.0:  # a verifier must score in [0, 1]; anything else is garbage
+                    failed[row, column] = True
+                    continue
+                scores[row, column], confidences[row, column] = value, 1.0
+        weights = torch.tensor([item.weight for _, item in self.columns], dtype=torch.float64)
+        return RubricScores(self.keys, weights, scores, confidences, applicable, failed, critiques)
