@@ -145,3 +145,23 @@ def test_preference_config_runs_from_the_cli(algorithm, tags, tmp_path):
     events.Reload()
     assert tags <= set(events.Tags()["scalars"])
     assert (run / "hf" / "config.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_grape_quickstart_config_runs_and_prints_its_summary(tmp_path):
+    override = {
+        "trainer": {"max_steps": 3, "val_check_interval": 3, "log_every_n_steps": 1},
+        "model": {"init_args": {"rubric": str(ROOT / "configs/rubrics/arithmetic.yaml")}},
+        "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 16}}}},
+    }
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+    result = grape("fit", "--config", str(ROOT / "configs/grape.yaml"), "--config", "override.yaml", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert "val/accuracy: before 0." in output and "-> after 0." in output
+    assert "TensorBoard logs:" in output
+    run = tmp_path / "runs" / "grape" / "version_0"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for item in ("correct", "judged_correct"):
+        assert {f"rubric/math/{item}/{name}" for name in ("score", "confidence", "spread", "failures")} <= scalars
+    assert {"critic_failures", "val/accuracy", "train/reward"} <= scalars
