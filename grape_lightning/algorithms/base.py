@@ -11,7 +11,6 @@ import lightning as L
 
 from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer
 from grape_lightning.models.policy_mixin import PolicyModelsMixin
-from grape_lightning.models.spec import ModelSpec
 
 
 def as_dataclass(value: Any, cls: type) -> Any:
@@ -42,6 +41,19 @@ def save_plain_hyperparameters(module: L.LightningModule, frame: types.FrameType
     module.hparams.update(values)
     for key, value in list(module.hparams.items()):
         module.hparams[key] = _plain(value)
+
+
+def log_stage(
+    module: L.LightningModule, stage: str, metrics: dict[str, Any], batch_size: int, prog_bar: tuple[str, ...] = ("loss",)
+) -> None:
+    """Log ``metrics`` as ``<stage>/<name>``: per step while training, as batch-size-weighted epoch
+    means (synchronised across ranks) in validation."""
+    training = stage == "train"
+    for name, value in metrics.items():
+        module.log(
+            f"{stage}/{name}", value, prog_bar=name in prog_bar, on_step=training, on_epoch=not training,
+            batch_size=max(batch_size, 1), sync_dist=not training,
+        )
 
 
 class PolicyModule(PolicyModelsMixin, L.LightningModule):

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from grape_lightning.algorithms.base import PolicyModule, as_dataclass
+from grape_lightning.algorithms.base import PolicyModule, as_dataclass, log_stage
 from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.data.preference import collate_pairs
 from grape_lightning.losses.dpo import DPOLossType, dpo_loss
@@ -145,9 +145,7 @@ class DPOModule(PolicyModule):
             nll, _ = sft_loss(token.logprobs[:pairs], batch["response_mask"][:pairs])
             loss = loss + self.sft_weight * nll
             metrics["sft_nll"] = nll.detach()
-        log = {"on_step": stage == "train", "on_epoch": stage != "train", "batch_size": pairs, "sync_dist": stage != "train"}
-        for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name in ("loss", "rewards/accuracies"), **log)
+        log_stage(self, stage, metrics, pairs, prog_bar=("loss", "rewards/accuracies"))
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

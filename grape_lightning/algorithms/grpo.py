@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from grape_lightning.advantages import RewardScaling, group_relative_advantages, group_statistics

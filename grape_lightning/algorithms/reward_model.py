@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from grape_lightning.algorithms.base import as_dataclass, save_plain_hyperparameters
+from grape_lightning.algorithms.base import as_dataclass, log_stage, save_plain_hyperparameters
 from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer
 from grape_lightning.losses.bradley_terry import bradley_terry_loss
 from grape_lightning.models.loading import load_sequence_scorer, load_tokenizer
@@ -52,9 +52,7 @@ class RewardModelModule(L.LightningModule):
         scores = self.scores(batch)
         pairs = len(batch["pair_ids"])
         loss, metrics = bradley_terry_loss(scores[:pairs], scores[pairs:], self.margin + batch["margins"].to(scores.dtype))
-        log = {"on_step": stage == "train", "on_epoch": stage != "train", "batch_size": pairs, "sync_dist": stage != "train"}
-        for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name in ("loss", "accuracy"), **log)
+        log_stage(self, stage, metrics, pairs, prog_bar=("loss", "accuracy"))
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

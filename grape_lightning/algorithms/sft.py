@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from grape_lightning.algorithms.base import PolicyModule, as_dataclass
+from grape_lightning.algorithms.base import PolicyModule, as_dataclass, log_stage
 from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.losses.sft import sft_loss
 from grape_lightning.models.spec import ModelSpec
@@ -37,9 +37,7 @@ class SFTModule(PolicyModule):
         num_tokens = int(metrics["num_response_tokens"])
         correct = (token.top1 & batch["response_mask"].bool()).sum()
         # Weighted by response tokens, so epoch values are exact token means across batches.
-        log = {"on_step": stage == "train", "on_epoch": stage != "train", "batch_size": max(num_tokens, 1), "sync_dist": stage != "train"}
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **log)
-        self.log(f"{stage}/token_accuracy", correct.float() / max(num_tokens, 1), **log)
+        log_stage(self, stage, {"loss": loss.detach(), "token_accuracy": correct.float() / max(num_tokens, 1)}, num_tokens)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

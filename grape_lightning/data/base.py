@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from grape_lightning.data.tasks import Task
+
 import lightning as L
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -16,6 +18,7 @@ from grape_lightning.data.resumable_loader import ResumableDataLoader
 class TokenizedDataModule(L.LightningDataModule):
     """Base DataModule.
 
+    Data comes from a built-in ``task`` or from ``train_file`` / ``val_file`` (JSONL).
     ``tokenizer=None`` takes the tokenizer (and chat-template choice) of the LightningModule being
     trained, so one field of the YAML (the model's) sets both; a string loads that tokenizer.
     Loaders shuffle by (seed, epoch), shard by rank, and resume mid-epoch from a checkpoint.
@@ -23,6 +26,9 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def __init__(
         self,
+        task: Task | None = None,
+        train_file: str | None = None,
+        val_file: str | None = None,
         tokenizer: str | None = None,
         chat_template: bool | None = None,
         batch_size: int = 32,
@@ -31,6 +37,11 @@ class TokenizedDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if task is None and train_file is None:
+            raise ValueError(f"{type(self).__name__} needs a built-in 'task' or a 'train_file'")
+        self.task = task
+        self.train_file = train_file
+        self.val_file = val_file
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tokenizer_name = tokenizer
@@ -41,6 +52,18 @@ class TokenizedDataModule(L.LightningDataModule):
         self.seed = seed
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._chat_template: bool | None = None
+
+    def split_rows(
+        self, split: str, read_file: Callable[[str], list[dict[str, Any]]], task_rows: Callable[[str], list[dict[str, Any]]]
+    ) -> list[dict[str, Any]]:
+        """Rows of ``split``: read from ``train_file`` / ``val_file`` when given, else the built-in
+        task's. Validation comes from the task only when no ``train_file`` replaces it."""
+        path = self.train_file if split == "train" else self.val_file
+        if path is not None:
+            return read_file(path)
+        if self.task is not None and (split == "train" or self.train_file is None):
+            return task_rows(split)
+        return []
 
     def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool | None = None) -> None:
         """Use this tokenizer (for code that drives the DataModule without a Trainer)."""

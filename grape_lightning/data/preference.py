@@ -53,12 +53,7 @@ class PreferenceDataModule(TokenizedDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(tokenizer, chat_template, batch_size, val_batch_size, num_workers, seed)
-        if task is None and train_file is None:
-            raise ValueError("PreferenceDataModule needs a built-in 'task' or a 'train_file'")
-        self.task = task
-        self.train_file = train_file
-        self.val_file = val_file
+        super().__init__(task, train_file, val_file, tokenizer, chat_template, batch_size, val_batch_size, num_workers, seed)
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
         self.num_truncated = 0
@@ -66,13 +61,8 @@ class PreferenceDataModule(TokenizedDataModule):
         self.train_pairs: list[dict[str, Any]] = []
         self.val_pairs: list[dict[str, Any]] = []
 
-    def _rows(self, split: str) -> list[dict[str, Any]]:
-        path = self.train_file if split == "train" else self.val_file
-        if path is not None:
-            return read_preference_rows(path)
-        if self.task is not None and (split == "train" or self.train_file is None):
-            return self.task.preference_rows(split)
-        return []
+    def _rows(self, split: str) -> list[dict]:
+        return self.split_rows(split, read_preference_rows, lambda s: self.task.preference_rows(s))  # type: ignore[union-attr]
 
     def _encode(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pairs = []

@@ -42,12 +42,7 @@ class SFTDataModule(TokenizedDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(tokenizer, chat_template, batch_size, val_batch_size, num_workers, seed)
-        if task is None and train_file is None:
-            raise ValueError("SFTDataModule needs a built-in 'task' or a 'train_file'")
-        self.task = task
-        self.train_file = train_file
-        self.val_file = val_file
+        super().__init__(task, train_file, val_file, tokenizer, chat_template, batch_size, val_batch_size, num_workers, seed)
         self.max_length = max_length
         self.pack = pack
         self.num_truncated = 0
@@ -56,12 +51,7 @@ class SFTDataModule(TokenizedDataModule):
         self.val_pairs: list[tuple[list[int], list[int]]] = []
 
     def _rows(self, split: str) -> list[dict]:
-        path = self.train_file if split == "train" else self.val_file
-        if path is not None:
-            return read_completion_rows(path)
-        if self.task is not None and (split == "train" or self.train_file is None):
-            return self.task.sft_rows(split)
-        return []
+        return self.split_rows(split, read_completion_rows, lambda s: self.task.sft_rows(s))  # type: ignore[union-attr]
 
     def _encode(self, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
         pairs = []

@@ -61,14 +61,9 @@ class RolloutDataModule(TokenizedDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(tokenizer, chat_template, batch_size, val_batch_size, num_workers, seed)
-        if task is None and train_file is None:
-            raise ValueError("RolloutDataModule needs a built-in 'task' or a 'train_file'")
+        super().__init__(task, train_file, val_file, tokenizer, chat_template, batch_size, val_batch_size, num_workers, seed)
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
-        self.task = task
-        self.train_file = train_file
-        self.val_file = val_file
         self.group_size = group_size
         self.max_prompt_length = max_prompt_length
         self.max_val_prompts = max_val_prompts
@@ -77,12 +72,10 @@ class RolloutDataModule(TokenizedDataModule):
         self.val_items: list[dict[str, Any]] = []
 
     def _rows(self, split: str) -> list[dict[str, Any]]:
-        path = self.train_file if split == "train" else self.val_file
-        if path is not None:
-            return read_prompt_rows(path)
-        if self.task is not None and (split == "train" or self.train_file is None):
-            return [{"prompt": e.prompt, "metadata": dict(e.metadata)} for e in self.task.examples(split)]
-        return []
+        return self.split_rows(split, read_prompt_rows, self._task_prompts)
+
+    def _task_prompts(self, split: str) -> list[dict[str, Any]]:
+        return [{"prompt": e.prompt, "metadata": dict(e.metadata)} for e in self.task.examples(split)]  # type: ignore[union-attr]
 
     def _encode(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         items = []
