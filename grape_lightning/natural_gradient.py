@@ -1,0 +1,148 @@
+"""The numerical core of TRPO: flat parameter vectors, KL-Hessian-vector products, conjugate
+gradient, the trust-region step size and the backtracking line search. Pure torch.
+
+With g the gradient of the surrogate and F the Hessian of the mean KL(pi_old || pi_theta) at
+theta = theta_old (the Fisher information of the policy), TRPO solves (F + lambda I) s = g by
+conjugate gradient, scales s to the boundary of the quadratic trust region
+
+    Delta theta = sqrt(2 delta / s^T (F + lambda I) s) * s,      so that  1/2 Delta^T F Delta ~= delta,
+
+and backtracks along Delta theta until the measured KL and surrogate are acceptable.
+
+Under ``torch.distributed`` every rank holds its own rollout; :func:`all_reduce_mean_` averages
+gradients, Fisher-vector products and line-search measurements, so every rank computes the same
+direction, takes the same decisions and ends with the same parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def flat_dtype(parameters: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of flat vectors over ``parameters``: at least float32 (CG in bfloat16 is useless)."""
+    dtype = torch.float32
+    for parameter in parameters:
+        dtype = torch.promote_types(dtype, parameter.dtype)
+    return dtype
+
+
+def flatten(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """One vector holding ``tensors`` one after the other (the layout of every flat vector here)."""
+    return torch.cat([tensor.reshape(-1).to(dtype) for tensor in tensors])
+
+
+def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Views of ``vector`` shaped like ``like`` (inverse of :func:`flatten`)."""
+    return [piece.view_as(tensor) for piece, tensor in zip(vector.split([t.numel() for t in like]), like)]
+
+
+def flat_grad(output: Tensor, parameters: Sequence[Tensor], *, create_graph: bool = False) -> Tensor:
+    """d output / d parameters as a flat vector (zeros for parameters ``output`` does not depend on).
+
+    Uses ``torch.autograd.grad``, so nothing accumulates into ``.grad``.
+    """
+    grads = torch.autograd.grad(
+        output, parameters, create_graph=create_graph, allow_unused=True, materialize_grads=True
+    )
+    return flatten(grads, flat_dtype(parameters))
+
+
+def hessian_vector_product(scalar: Tensor, parameters: Sequence[Tensor], vector: Tensor) -> Tensor:
+    """H v with H = d^2 scalar / d theta^2, by double backward: H v = d/d theta [(d scalar / d theta) . v]."""
+    gradient = flat_grad(scalar, parameters, create_graph=True)
+    return flat_grad(gradient @ vector.to(gradient.dtype), parameters)
+
+
+@torch.no_grad()
+def assign_(
+    parameters: Sequence[Tensor], base: Sequence[Tensor], step: Tensor | None = None, fraction: float = 1.0
+) -> None:
+    """theta <- theta_base + fraction * step, in place (``step=None``: theta <- theta_base exactly)."""
+    steps = unflatten(step, parameters) if step is not None else [None] * len(parameters)
+    for parameter, start, piece in zip(parameters, base, steps):
+        parameter.copy_(start if piece is None else start + fraction * piece)
+
+
+def all_reduce_mean_(tensor: Tensor) -> Tensor:
+    """Average ``tensor`` over the ranks in place when ``torch.distributed`` is initialised."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+@dataclass
+class ConjugateGradientResult:
+    solution: Tensor
+    residual: float  # ||b - A x|| / ||b|| as tracked by the iteration (0 for b = 0)
+    iterations: int
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor], b: Tensor, max_iterations: int = 10, tolerance: float = 1e-10
+) -> ConjugateGradientResult:
+    """Solve A x = b for symmetric positive definite A, given only x -> A x, starting from x = 0.
+
+    Stops after ``max_iterations`` products or once the relative residual ||b - A x|| / ||b|| is at
+    most ``tolerance``. Exact in at most dim(b) iterations (in exact arithmetic).
+    """
+    x = torch.zeros_like(b)
+    r = b.clone()  # residual b - A x
+    p = r.clone()  # search direction
+    b_norm = float(b.norm())
+    if b_norm == 0.0:
+        return ConjugateGradientResult(x, 0.0, 0)
+    r_dot_r = r @ r
+    iterations = 0
+    while iterations < max_iterations and math.sqrt(float(r_dot_r)) > tolerance * b_norm:
+        a_p = matvec(p)
+        alpha = r_dot_r / (p @ a_p)
+        x += alpha * p
+        r -= alpha * a_p
+        new_r_dot_r = r @ r
+        p = r + (new_r_dot_r / r_dot_r) * p
+        r_dot_r = new_r_dot_r
+        iterations += 1
+    return ConjugateGradientResult(x, math.sqrt(float(r_dot_r)) / b_norm, iterations)
+
+
+def trust_region_step(direction: Tensor, curvature: Tensor, max_kl: float) -> Tensor:
+    """Delta theta = sqrt(2 delta / s^T F s) * s, the step along s to the edge of 1/2 Delta^T F Delta <= delta.
+
+    ``curvature`` is s^T F s (positive: F is damped).
+    """
+    return torch.sqrt(2.0 * max_kl / curvature) * direction
+
+
+@dataclass
+class LineSearchResult:
+    accepted: bool
+    fraction: float  # alpha of the accepted step theta_old + alpha Delta theta; 0 when none was accepted
+    tries: int  # evaluated step fractions
+    kl: float  # measured KL(pi_old || pi_theta) at the accepted step (0: the parameters did not move)
+    improvement: float  # measured surrogate improvement at the accepted step (0 when none was)
+
+
+def backtracking_line_search(
+    evaluate: Callable[[float], tuple[float, float]], max_kl: float, factor: float = 0.5, max_tries: int = 10
+) -> LineSearchResult:
+    """Try the step fractions alpha = factor^k, k = 0, 1, ..., max_tries - 1, and accept the first
+    at which the measured KL is <= ``max_kl`` and the surrogate improves (strictly).
+
+    ``evaluate(alpha)`` moves the parameters to theta_old + alpha * Delta theta and returns
+    (KL(pi_old || pi_theta), S(theta) - S(theta_old)). After a rejection the parameters stand at the
+    last trial: restoring theta_old is the caller's job.
+    """
+    for tries in range(1, max_tries + 1):
+        fraction = factor ** (tries - 1)
+        kl, improvement = evaluate(fraction)
+        if kl <= max_kl and improvement > 0:
+            return LineSearchResult(True, fraction, tries, kl, improvement)
+    return LineSearchResult(False, 0.0, max_tries, 0.0, 0.0)
