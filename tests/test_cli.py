@@ -83,6 +83,8 @@ RL_TAGS = {
     "grpo": {"train/clip_fraction_low", "train/clip_fraction_high", "train/tied_groups", "train/entropy"},
     "reinforce": {"train/advantage_abs_mean", "train/entropy"},
     "rejection_sampling": {"train/kept_fraction", "train/nll"},
+    "trpo": {"train/kl_after_step", "train/surrogate_improvement", "train/expected_improvement", "train/cg_residual",
+             "train/cg_iterations", "train/line_search_tries", "train/accepted"},
 }
 
 

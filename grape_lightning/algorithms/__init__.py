@@ -10,8 +10,9 @@ from grape_lightning.algorithms.reinforce import REINFORCEModule
 from grape_lightning.algorithms.rejection_sampling import RejectionSamplingModule
 from grape_lightning.algorithms.reward_model import RewardModelModule
 from grape_lightning.algorithms.sft import SFTModule
+from grape_lightning.algorithms.trpo import TRPOModule
 
 __all__ = [
     "DPOModule", "GRAPEModule", "GRPOModule", "OffPolicyConfig", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "REINFORCEModule",
-    "RejectionSamplingModule", "RewardModelModule", "SFTModule",
+    "RejectionSamplingModule", "RewardModelModule", "SFTModule", "TRPOModule",
 ]

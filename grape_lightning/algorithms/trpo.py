@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from grape_lightning.advantages import RewardScaling, group_relative_advantages, leave_one_out_baseline
 from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.losses.trpo import mean_token_kl, trpo_surrogate
-from grape_lightning.models.logprobs import _final_logit_softcap, positions_from_mask
+from grape_lightning.models.logprobs import final_logit_softcap, positions_from_mask
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.natural_gradient import (
     all_reduce_mean_,
@@ -194,7 +194,7 @@ class TRPOModule(OnPolicyModule):
         head = self.policy.get_output_embeddings()
         logits = head(hidden) if head_parameters is None else functional_call(head, head_parameters, (hidden,))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        softcap = _final_logit_softcap(self.policy)
+        softcap = final_logit_softcap(self.policy)
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         return torch.log_softmax(logits / self.sampling.logprob_temperature, dim=-1)

@@ -50,7 +50,7 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _final_logit_softcap(model: nn.Module) -> float | None:
+def final_logit_softcap(model: nn.Module) -> float | None:
     config = getattr(model, "config", None)
     return getattr(config, "final_logit_softcapping", None) if config is not None else None
 
@@ -92,7 +92,7 @@ def response_logprobs(
     hidden_rows = hidden[:, :-1][scored]  # [n, hidden]: the state before each scored token
     target_rows = input_ids[:, 1:][scored]  # [n]
     head = model.get_output_embeddings()
-    softcap = _final_logit_softcap(model)
+    softcap = final_logit_softcap(model)
 
     pieces = []
     for start in range(0, hidden_rows.shape[0], chunk_size):
