@@ -23,14 +23,14 @@ default_category: math
 categories:
   math:
     - {name: correct, weight: 1.0, kind: verifiable, check: numeric_match}
-    - {name: short, weight: 0.5, kind: judged, critic: shortness, question: "Is the response at most two characters?"}
+    - {name: plain_number, weight: 0.5, kind: judged, critic: digits, question: "Is the response just a number?"}
 """
 
 
-def shortness(request):
-    """A deterministic critic: sure about short answers, unsure about long ones."""
-    short = len(request.response.strip()) <= 2
-    return (1.0 if short else 0.0, 0.9 if short else 0.2, "short" if short else "long")
+def digits(request):
+    """A deterministic critic: sure when the response is a plain number, unsure otherwise."""
+    plain = request.response.strip().isdigit()
+    return (1.0 if plain else 0.0, 0.9 if plain else 0.3, "a number" if plain else "not a plain number")
 
 
 def _write(tmp_path, text):
@@ -105,18 +105,18 @@ def test_reference_answers_join_the_sample_set(tmp_path):
 
 def test_per_item_metrics_and_sample_details(tmp_path):
     module = GRAPEModule(
-        tiny_spec(), rubric=_write(tmp_path, MIXED), critics={"shortness": CallableCritic("tests.test_grape:shortness")},
+        tiny_spec(), rubric=_write(tmp_path, MIXED), critics={"digits": CallableCritic("tests.test_grape:digits")},
         sampling=SamplingParams(max_new_tokens=4), beta=0.0,
     )
     trainer = _trainer(tmp_path, 2)
     trainer.fit(module, _datamodule())
     metrics = trainer.callback_metrics
     for name in ("score", "confidence", "spread", "failures"):
-        assert f"rubric/math/short/{name}" in metrics and f"rubric/math/correct/{name}" in metrics
+        assert f"rubric/math/plain_number/{name}" in metrics and f"rubric/math/correct/{name}" in metrics
     assert metrics["rubric/math/correct/confidence"] == 1.0
-    assert 0.2 <= metrics["rubric/math/short/confidence"] <= 0.9
+    assert 0.3 <= metrics["rubric/math/plain_number/confidence"] <= 0.9
     row = module.last_samples[0]
-    assert "math/short" in row and "short:" in row["critiques"]
+    assert "math/plain_number" in row and "plain_number:" in row["critiques"]
 
 
 @pytest.mark.parametrize("rubric", ["one_item", "mixed"])
@@ -126,7 +126,7 @@ def test_grape_raises_verifier_accuracy(tmp_path, rubric):
     module = GRAPEModule(
         ModelSpec(name_or_path="grape/tiny-addition-sft"),
         rubric=_write(tmp_path, ONE_ITEM if rubric == "one_item" else MIXED),
-        critics={"shortness": CallableCritic("tests.test_grape:shortness")},
+        critics={"digits": CallableCritic("tests.test_grape:digits")},
         sampling=SamplingParams(max_new_tokens=6), optimizer=OptimizerConfig(lr=2e-4),
         reward_scaling="group", beta=0.0,
     )
