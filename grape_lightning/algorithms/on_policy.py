@@ -150,7 +150,7 @@ class OnPolicyModule(PolicyModule):
             )
             if self.reference is not None:
                 rollout.ref_logprobs = self._in_micro_batches(
-                    len(rollout), lambda i: self.token_logprobs(self.reference, rollout.model_inputs(i)), rollout.old_logprobs
+                    len(rollout), lambda i: self.with_reference(self.token_logprobs, rollout.model_inputs(i)), rollout.old_logprobs
                 )
         rollout.generation_seconds = generation_seconds
         return rollout

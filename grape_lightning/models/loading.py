@@ -58,6 +58,8 @@ def load_sequence_scorer(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) ->
 
     From a causal-LM checkpoint (an SFT model, say) the trunk is loaded and the head starts fresh.
     """
+    if spec.lora is not None:
+        raise ValueError("LoRA applies to policies; a reward or value model trains in full (drop 'lora' from its spec)")
     model = _load(AutoModelForSequenceClassification, spec, tokenizer, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grape_lightning.models.loading import load_causal_lm, load_tokenizer
 from grape_lightning.models.logprobs import TokenLogprobs, response_logprobs
+from grape_lightning.models.lora import LoRAPolicy
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.models.value import ValueModel
 
@@ -26,6 +29,9 @@ class PolicyModelsMixin:
     - ``self.policy``: the trained causal LM; ``self.tokenizer`` its tokenizer.
     - ``self.reference``: a frozen copy of the initial policy (eval mode, no gradients), or None.
       Its weights never enter checkpoints: they are the initial weights, rebuilt from the spec.
+      With LoRA (``policy.lora``) only adapters train and the reference is the policy with its
+      adapters switched off (:class:`AdaptersOff`, no second copy). Either way, reference
+      log-probs go through :meth:`reference_model` (or :meth:`with_reference`).
     - ``self.value_model``: None, a :class:`ValueModel` head on the policy trunk (``"head"``), or a
       separate trunk initialised from ``value_spec`` or from the policy (``"separate"``).
     """
@@ -48,13 +54,18 @@ class PolicyModelsMixin:
         self.policy_spec = policy
         self.tokenizer = load_tokenizer(policy)
         self.policy = load_causal_lm(policy, self.tokenizer)
+        self.lora: LoRAPolicy | None = None
+        if policy.lora is not None:
+            self.lora = LoRAPolicy(self.policy, policy.lora)  # self.policy keeps its identity, adapters inside
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False  # training forward passes never need the KV cache
         self.policy.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
 
         self.reference = None
-        if reference:
+        if reference and self.lora is not None:
+            self.reference = AdaptersOff(self.lora)
+        elif reference:
             self.reference = copy.deepcopy(self.policy)
             self.reference.requires_grad_(False)
             self.reference.eval()
@@ -65,6 +76,8 @@ class PolicyModelsMixin:
         if value == "head":
             self.value_model = ValueModel(self.policy.base_model, hidden_size)
         elif value == "separate":
+            if value_spec is not None and value_spec.lora is not None:
+                raise ValueError("LoRA applies to the policy; a separate value model trains in full")
             source = load_causal_lm(value_spec, self.tokenizer) if value_spec is not None else copy.deepcopy(self.policy)
             self.value_model = ValueModel(source.base_model, hidden_size)
         elif value != "none":
@@ -87,7 +100,7 @@ class PolicyModelsMixin:
 
     def train(self, mode: bool = True):  # type: ignore[override]
         super().train(mode)  # type: ignore[misc]
-        if getattr(self, "reference", None) is not None:
+        if isinstance(getattr(self, "reference", None), nn.Module):
             self.reference.eval()  # the reference is always in eval mode (no dropout)
         return self
 
@@ -103,29 +116,63 @@ class PolicyModelsMixin:
             **kwargs,
         )
 
+    @contextmanager
+    def reference_model(self) -> Iterator[nn.Module]:
+        """pi_ref as a model to call inside the ``with`` block: the frozen copy, or with LoRA the
+        policy with its adapters off (in eval mode: no dropout, as the copy)."""
+        if self.reference is None:
+            raise RuntimeError("this module was built without a reference model (reference=False)")
+        if self.lora is None:
+            yield self.reference
+            return
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.lora.adapters_disabled() as base:
+                yield base
+        finally:
+            self.policy.train(was_training)
+
+    def with_reference(self, compute: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``compute(pi_ref, *args, **kwargs)``: one call under :meth:`reference_model`."""
+        with self.reference_model() as reference:
+            return compute(reference, *args, **kwargs)
+
     @torch.no_grad()
     def reference_logprobs(self, batch: dict[str, Tensor], **kwargs: Any) -> Tensor:
         """Log-probs under the frozen reference; no graph is built."""
-        if self.reference is None:
-            raise RuntimeError("this module was built without a reference model (reference=False)")
-        return response_logprobs(
-            self.reference,
-            batch["input_ids"],
-            batch["response_mask"],
-            batch.get("attention_mask"),
-            batch.get("position_ids"),
-            **kwargs,
-        ).logprobs
+        with self.reference_model() as reference:
+            return response_logprobs(
+                reference,
+                batch["input_ids"],
+                batch["response_mask"],
+                batch.get("attention_mask"),
+                batch.get("position_ids"),
+                **kwargs,
+            ).logprobs
 
     # -- export ---------------------------------------------------------------------------------
     def export_hf(self, directory: str | Path) -> Path:
-        """Write the policy and tokenizer in Hugging Face format (``from_pretrained`` loads them)."""
+        """Write the policy and tokenizer in Hugging Face format (``from_pretrained`` loads them).
+        With LoRA the adapters are merged into the weights of a copy (training can go on)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.policy.config.use_cache = True
+        model = self.policy if self.lora is None else self.lora.merged_copy()
+        model.config.use_cache = True
         try:
-            self.policy.save_pretrained(directory, safe_serialization=True)
+            model.save_pretrained(directory, safe_serialization=True)
         finally:
-            self.policy.config.use_cache = False
+            model.config.use_cache = False
         self.tokenizer.save_pretrained(directory)
         return directory
+
+
+class AdaptersOff:
+    """``self.reference`` of a LoRA policy: marks that a reference exists without holding weights.
+    It is not a model; reference computations go through ``PolicyModelsMixin.reference_model``."""
+
+    def __init__(self, lora: LoRAPolicy) -> None:
+        self.lora = lora
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("with LoRA the reference is the policy with adapters off: use reference_model() or with_reference()")

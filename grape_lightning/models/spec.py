@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from grape_lightning.models.lora import LoRAConfig
+
 
 @dataclass
 class ModelSpec:
@@ -21,6 +23,8 @@ class ModelSpec:
 
     ``tokenizer`` defaults to ``name_or_path``; ``"grape/char"`` is the built-in character
     tokenizer used by the tiny models of the tests and the quickstart.
+    ``lora``: train low-rank adapters (:class:`~grape_lightning.models.lora.LoRAConfig`, needs
+    peft) instead of every weight; the reference is then the same network with adapters off.
     ``chat_template``: ``None`` uses the tokenizer's chat template when it has one, ``True``
     requires one, ``False`` always feeds prompts as plain text.
     """
@@ -35,8 +39,11 @@ class ModelSpec:
     init_seed: int = 0
     chat_template: bool | None = None
     from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # as stored in checkpoints
+            self.lora = LoRAConfig(**self.lora)
         if (self.name_or_path is None) == (self.config is None):
             raise ValueError("ModelSpec needs exactly one of 'name_or_path' (hub id or directory) and 'config'")
         if self.config is not None and "model_type" not in self.config:
