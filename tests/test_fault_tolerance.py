@@ -1,0 +1,169 @@
+"""Fault tolerance through the real ``grape`` command: a GRPO run killed with SIGKILL mid-training
+and restarted with the same command (``--ckpt_path last``) ends with the weights and metrics of
+an uninterrupted run; a crash in the middle of a checkpoint write leaves the previous
+``last.ckpt`` intact and loadable."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+import pytest
+import torch
+import yaml
+
+from grape_lightning.checkpointing import AtomicCheckpointIO
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_STEPS = 9
+
+
+class Pace(L.Callback):
+    """Sleeps after every training batch, so a test can kill the run between two checkpoints."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(self.seconds)
+
+
+class Record(L.Callback):
+    """Writes the step training started from, and at the end the policy and the logged metrics."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def on_train_start(self, trainer, module) -> None:
+        with open(self.directory / "starts.txt", "a") as handle:
+            handle.write(f"{trainer.global_step}\n")
+
+    def on_train_end(self, trainer, module) -> None:
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        state = {name: tensor.detach().clone() for name, tensor in module.policy.state_dict().items()}
+        torch.save({"step": trainer.global_step, "metrics": metrics, "policy": state}, self.directory / "end.pt")
+
+
+def _command(run: Path, pace: float) -> list[str]:
+    override = {
+        "trainer": {
+            "max_steps": MAX_STEPS, "val_check_interval": 1000, "logger": False, "enable_progress_bar": False,
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+                    "dirpath": str(run / "checkpoints"), "every_n_train_steps": 3, "save_last": True, "save_top_k": -1,
+                }},
+                {"class_path": "tests.test_fault_tolerance.Pace", "init_args": {"seconds": pace}},
+                {"class_path": "tests.test_fault_tolerance.Record", "init_args": {"directory": str(run / "record")}},
+            ],
+        },
+        "model": {"init_args": {"beta": 0.04}},  # a KL term, so the reference takes part
+        "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 8}}, "batch_size": 4, "group_size": 4}},
+    }
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "override.yaml").write_text(yaml.safe_dump(override))
+    return [
+        sys.executable, "-m", "grape_lightning.cli", "fit",
+        "--config", str(ROOT / "configs/grpo.yaml"), "--config", str(run / "override.yaml"), "--ckpt_path", "last",
+    ]
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _finish(command: list[str], cwd: Path) -> None:
+    result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+
+def test_sigkilled_run_resumes_with_the_same_command_and_ends_as_an_uninterrupted_run(tmp_path):
+    uninterrupted = tmp_path / "uninterrupted"
+    _finish(_command(uninterrupted, pace=0.0), tmp_path)
+
+    run = tmp_path / "killed"
+    command = _command(run, pace=0.5)
+    process = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "epoch=0-step=3.ckpt").exists():  # last.ckpt is written right after
+            assert process.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within the time limit"
+            time.sleep(0.05)
+        time.sleep(0.75)  # into step 4 or 5: past the checkpoint, before the next one
+        assert process.poll() is None
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not (run / "record" / "end.pt").exists()  # killed mid-training
+    killed_at = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+
+    _finish(command, tmp_path)  # the same command: --ckpt_path last finds the checkpoint
+
+    starts = [int(line) for line in (run / "record" / "starts.txt").read_text().split()]
+    ours = torch.load(run / "record" / "end.pt")
+    reference = torch.load(uninterrupted / "record" / "end.pt")
+    print(f"\ncheckpoints at the kill: {killed_at}; training started at steps {starts}; "
+          f"final step {ours['step']} (uninterrupted {reference['step']})")
+    for name in ("train/reward", "train/loss", "train/kl"):
+        print(f"  {name}: resumed {ours['metrics'][name]:.6f}  uninterrupted {reference['metrics'][name]:.6f}")
+    assert starts == [0, 3]
+    assert ours["step"] == reference["step"] == MAX_STEPS
+    timings = {name for name in reference["metrics"] if name.endswith("_per_s")}
+    assert {k: v for k, v in ours["metrics"].items() if k not in timings} == {
+        k: v for k, v in reference["metrics"].items() if k not in timings
+    }  # bit-identical: sampling seeds derive from (seed, rank, step)
+    for name, tensor in reference["policy"].items():
+        assert torch.equal(ours["policy"][name], tensor), name
+
+
+def _state(value: float) -> dict:
+    return {"state_dict": {"weight": torch.full((64, 64), value)}, "global_step": int(value)}
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint(_state(1.0), path)
+
+    def torn_write(obj, handle, *args, **kwargs):  # half a file, then the process "dies"
+        handle.write(b"PK\x03\x04 partial checkpoint bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_write)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint(_state(2.0), path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left behind
+    assert io.load_checkpoint(path)["global_step"] == 1
+
+
+CRASH_MID_WRITE = """
+import os, signal, sys, torch
+from grape_lightning.checkpointing import AtomicCheckpointIO
+real_save = torch.save
+def save_then_die(obj, handle, *args, **kwargs):
+    real_save(obj, handle, *args, **kwargs)
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)  # after the bytes, before the rename
+torch.save = save_then_die
+AtomicCheckpointIO().save_checkpoint({"global_step": 2, "state_dict": {}}, sys.argv[1])
+"""
+
+
+def test_sigkill_between_write_and_rename_keeps_last_ckpt_and_resume_ignores_the_partial(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1, "state_dict": {}}, path)
+    result = subprocess.run([sys.executable, "-c", CRASH_MID_WRITE, str(path)], env=ENV, capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    partials = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
+    assert len(partials) == 1 and partials[0].startswith(".last.ckpt.partial-")  # a hidden leftover, never *.ckpt
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    # what ``ckpt_path="last"`` resumes from: the complete checkpoint, never the leftover
+    found = ModelCheckpoint(dirpath=tmp_path)._find_last_checkpoints(None)
+    assert found == {str(path)}
