@@ -8,6 +8,7 @@ import types
 from typing import Any
 
 import lightning as L
+from torch import Tensor
 
 from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer
 from grape_lightning.models.policy_mixin import PolicyModelsMixin
@@ -47,12 +48,13 @@ def log_stage(
     module: L.LightningModule, stage: str, metrics: dict[str, Any], batch_size: int, prog_bar: tuple[str, ...] = ("loss",)
 ) -> None:
     """Log ``metrics`` as ``<stage>/<name>``: per step while training, as batch-size-weighted epoch
-    means (synchronised across ranks) in validation."""
+    means in validation; both averaged over the ranks, so a multi-process run logs statistics of
+    its global batch (every rank's batch has the same size)."""
     training = stage == "train"
     for name, value in metrics.items():
         module.log(
             f"{stage}/{name}", value, prog_bar=name in prog_bar, on_step=training, on_epoch=not training,
-            batch_size=max(batch_size, 1), sync_dist=not training,
+            batch_size=max(batch_size, 1), sync_dist=True,
         )
 
 
@@ -65,6 +67,21 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
 
     def save_plain_hyperparameters(self, **values: Any) -> None:
         save_plain_hyperparameters(self, inspect.currentframe().f_back, **values)  # type: ignore[union-attr]
+
+    # -- across processes ------------------------------------------------------------------------
+    def sum_across_processes(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over the processes of the run (itself in one process or without
+        a trainer). Every process must call it, in the same order."""
+        if self._trainer is None:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Processes whose gradients the strategy averages (DDP, FSDP and DeepSpeed all average):
+        a loss normalised by a global count is multiplied by it, so the average is the gradient
+        of the global-batch loss."""
+        return self.trainer.world_size if self._trainer is not None else 1
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps the schedule spans (the Trainer's estimate unless a subclass knows better)."""

@@ -210,7 +210,7 @@ class GRAPEModule(GRPOModule):
         if self.reward_scaling == "group":
             centred = centred / (group_statistics(rollout.rewards, rollout.groups, rollout.valid).std[rollout.groups] + 1e-4)
         elif self.reward_scaling == "batch":
-            centred = centred / (rollout.rewards[rollout.valid].std() + 1e-4)
+            centred = centred / (self.batch_reward_std(rollout) + 1e-4)  # over every rank's rewards
         return torch.where(rollout.valid, centred, 0.0)
 
     def trained_rows(self, rollout: Rollout, advantages: Tensor, tied_groups: Tensor) -> Tensor:

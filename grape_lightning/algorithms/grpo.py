@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from grape_lightning.advantages import RewardScaling, group_relative_advantages, group_statistics
@@ -34,6 +35,12 @@ class GRPOModule(OnPolicyModule):
     Groups whose rewards all tie give zero advantages; their share is logged
     (``train/tied_groups``) and ``filter_tied_groups`` drops them from the loss entirely (they
     then add neither KL nor normaliser weight).
+
+    Several processes (DDP, FSDP, DeepSpeed) optimise the loss of the global batch: each rank's
+    groups are whole (a prompt's samples never straddle ranks), ``reward_scaling="batch"`` divides
+    by the std of every rank's rewards, and the aggregation's normaliser (sequences, tokens) is
+    counted over all ranks. Mini-batches are drawn from all rows of a rollout and rows out of the
+    loss are masked, so every rank takes the same forward and backward passes and steps.
     """
 
     def __init__(
@@ -74,7 +81,20 @@ class GRPOModule(OnPolicyModule):
 
     def advantages(self, rollout: Rollout) -> Tensor:
         """Per-sequence advantages (overridden by GRAPE)."""
+        if self.reward_scaling == "batch":
+            centred = group_relative_advantages(rollout.rewards, rollout.groups, rollout.valid, "none")
+            return centred / (self.batch_reward_std(rollout) + 1e-4)
         return group_relative_advantages(rollout.rewards, rollout.groups, rollout.valid, self.reward_scaling)
+
+    def batch_reward_std(self, rollout: Rollout) -> Tensor:
+        """Unbiased std of the valid rewards of the global batch (every process's), two passes
+        (mean, then squared deviations); 1 with fewer than two valid rewards."""
+        valid = rollout.valid & ~torch.isnan(rollout.rewards)
+        rewards = rollout.rewards[valid].double()
+        count, total = self.sum_across_processes(torch.stack([rewards.new_tensor(float(rewards.numel())), rewards.sum()])).tolist()
+        squares = self.sum_across_processes(((rewards - total / max(count, 1.0)) ** 2).sum())
+        std = (squares / (count - 1)).sqrt() if count >= 2 else torch.ones((), dtype=torch.float64, device=rewards.device)
+        return std.to(rollout.rewards.dtype)
 
     def trained_rows(self, rollout: Rollout, advantages: Tensor, tied_groups: Tensor) -> Tensor:
         """[N] bool: the responses that enter the loss (overridden by GRAPE for off-policy members)."""
@@ -84,10 +104,18 @@ class GRPOModule(OnPolicyModule):
         advantages = self.advantages(rollout)
         tied = group_statistics(rollout.rewards, rollout.groups, rollout.valid).tied
         trained = self.trained_rows(rollout, advantages, tied)
+        trained_tokens = rollout.response_mask & trained[:, None]
+        rows = torch.arange(len(rollout), device=self.device)
+        scale = self.data_parallel_size  # the strategy averages gradients over the ranks
         means = RunningMeans()
+        terms = RunningMeans()  # additive pieces of the global loss: summed over micro-batches and ranks
         for iteration in range(self.num_iterations):
-            for index in self.minibatches(trained.nonzero().flatten(), self.mini_batch_size, salt=iteration):
-                num_tokens = rollout.response_mask[index].sum()
+            for index in self.minibatches(rows, self.mini_batch_size, salt=iteration):
+                counts = torch.stack([trained[index].sum(), trained_tokens[index].sum()]).double()
+                num_sequences, num_tokens = self.sum_across_processes(counts).tolist()
+                if num_sequences == 0:
+                    continue  # no trained row on any rank: no step (Adam would still move the weights)
+                step = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0}
 
                 def micro_loss(micro: Tensor) -> Tensor:
                     inputs = rollout.model_inputs(micro)
@@ -95,20 +123,37 @@ class GRPOModule(OnPolicyModule):
                         inputs, temperature=self.sampling.logprob_temperature,
                         chunk_size=self.logprob_chunk_size, with_entropy=True,
                     )
-                    mask = inputs["response_mask"]
+                    mask = inputs["response_mask"] & trained[micro, None]
                     loss, metrics = grpo_loss(
                         token.logprobs, rollout.take("old_logprobs", micro), advantages[micro], mask,
                         ref_logprobs=rollout.take("ref_logprobs", micro) if rollout.ref_logprobs is not None else None,
                         beta=self.beta, eps_low=self.eps_low, eps_high=self.eps_high, aggregation=self.aggregation,
                         kl_estimator=self.kl_estimator, constant_length=self.sampling.max_new_tokens,
-                        num_sequences=len(index), num_tokens=num_tokens,
+                        num_sequences=num_sequences, num_tokens=num_tokens,
                     )
+                    step["loss"] += float(loss)
+                    for name in ("policy_loss", "kl"):
+                        if name in metrics:
+                            step[name] += float(metrics.pop(name))
                     micro_tokens = float(mask.sum())
                     metrics["entropy"] = (token.entropy.detach() * mask).sum() / max(micro_tokens, 1.0)
                     means.add(metrics, weight=micro_tokens)
-                    means.add({"loss": loss.detach()}, weight=1.0)
-                    return loss
+                    return loss * scale
 
                 self.optimizer_step_over(index, micro_loss)
-        self.log_metrics(means.means())
+                if rollout.ref_logprobs is None:
+                    step.pop("kl")
+                terms.add(step)
+        self.log_metrics({**self.mean_across_processes(means), **self.mean_across_processes(terms, summed=True)})
         self.log_metrics({"tied_groups": float(tied.float().mean()), "advantage_abs_mean": float(advantages[rollout.valid].abs().mean()) if rollout.valid.any() else 0.0})
+
+    def mean_across_processes(self, means: RunningMeans, summed: bool = False) -> dict[str, float]:
+        """The weighted means of ``means`` over every rank's values; ``summed``: values that are
+        each rank's share of a global quantity (normalised by global counts) add up over ranks."""
+        names = sorted(means.totals)
+        if not names:
+            return {}
+        packed = torch.tensor([[means.totals[n], means.weights[n]] for n in names], dtype=torch.float64, device=self.device)
+        packed = self.sum_across_processes(packed)
+        world = self.data_parallel_size if summed else 1
+        return {name: float(total) * world / max(float(weight), 1e-12) for name, (total, weight) in zip(names, packed.tolist())}

@@ -1,0 +1,159 @@
+"""Two CPU processes under DDP (gloo) optimise the loss of the global batch: GRPO and DPO take the
+same steps, with the same logged losses, as one process whose batch is both ranks' batches
+together, and both ranks end with identical weights.
+
+GRPO samples: to compare updates, every setup samples the same global rollout (the generator
+seeded by the step alone, all prompts of the step) and each rank trains on its share of whole
+groups. The setup makes the per-rank and global normalisations differ: token aggregation over
+responses of unequal lengths, unscorable rewards on some rows, reward scaling by the batch std.
+
+Run by the tests as ``python -m tests.test_ddp_equivalence <grpo|dpo> <devices> <out_dir>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GLOBAL_PROMPTS = 8  # per GRPO step: 4 per rank with two ranks
+GROUP_SIZE = 4
+STEPS = 3
+
+
+def _setup(algorithm: str, devices: int):
+    from grape_lightning.algorithms import DPOModule, GRPOModule, OptimizerConfig
+    from grape_lightning.algorithms.on_policy import derive_seed
+    from grape_lightning.data import PreferenceDataModule
+    from grape_lightning.data.tasks import ArithmeticTask
+    from grape_lightning.rewards import RewardFunction
+    from grape_lightning.rollout import RolloutDataModule, SamplingParams
+    from grape_lightning.rollout.datamodule import collate_prompts
+    from tests.conftest import tiny_spec
+
+    spec = tiny_spec(dtype="float64")
+    optimizer = OptimizerConfig(lr=1e-2)
+    if algorithm == "dpo":
+        module = DPOModule(spec, optimizer=optimizer, beta=0.5)
+        data = PreferenceDataModule(task=ArithmeticTask(num_train=96, num_val=4), max_length=24, batch_size=8 // devices)
+        return module, data
+
+    class LengthParityWithGaps(RewardFunction):
+        """1 for responses of odd length; every fifth response cannot be scored."""
+
+        def __call__(self, prompts, responses, metadata):
+            return [None if i % 5 == 0 else float(len(r) % 2) for i, r in enumerate(responses)]
+
+    class SameGlobalRollout(GRPOModule):
+        """Samples the step's global rollout (the same in every setup); trains on this rank's groups."""
+
+        def setup(self, stage: str) -> None:
+            data = self.trainer.datamodule
+            self.global_items = data.train_items[:GLOBAL_PROMPTS]
+
+        def _generator(self) -> torch.Generator:
+            return torch.Generator().manual_seed(derive_seed(self.seed, self.global_step))
+
+        def collect_rollout(self, batch, sampling=None):
+            if sampling is not None:  # greedy evaluation: the rank's own prompts
+                return super().collect_rollout(batch, sampling)
+            rollout = super().collect_rollout(collate_prompts(self.global_items, GROUP_SIZE))
+            world, rank = self.trainer.world_size, self.global_rank
+            rows = (rollout.groups % world == rank).nonzero().flatten()
+            return _select(rollout, rows, renumber=lambda groups: groups // world)
+
+    module = SameGlobalRollout(
+        spec, rewards=[LengthParityWithGaps()], sampling=SamplingParams(max_new_tokens=6), optimizer=optimizer,
+        beta=0.1, aggregation="token", reward_scaling="batch", micro_batch_size=4, max_grad_norm=0.5,
+    )
+    data = RolloutDataModule(task=ArithmeticTask(num_train=64, num_val=4), group_size=GROUP_SIZE, batch_size=4)
+    return module, data
+
+
+def _select(rollout, rows, renumber):
+    fields = {}
+    for field in dataclasses.fields(rollout):
+        value = getattr(rollout, field.name)
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == len(rollout):
+            value = value[rows]
+        elif isinstance(value, list) and len(value) == len(rollout):
+            value = [value[i] for i in rows.tolist()]
+        elif isinstance(value, dict):
+            value = {key: item[rows] for key, item in value.items()}
+        fields[field.name] = value
+    fields["groups"] = renumber(fields["groups"])
+    return type(rollout)(**fields)
+
+
+class RecordLosses(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    def on_train_end(self, trainer, module) -> None:
+        state = {name: tensor.detach().clone() for name, tensor in module.policy.state_dict().items()}
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        torch.save({"losses": self.losses, "policy": state, "metrics": metrics}, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def main(algorithm: str, devices: int, out: str) -> None:
+    L.seed_everything(0)
+    module, data = _setup(algorithm, devices)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=STEPS,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[RecordLosses(Path(out))],
+    )
+    trainer.fit(module, data)
+
+
+def _run(algorithm: str, devices: int, out: Path) -> list[dict]:
+    out.mkdir(parents=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "tests.test_ddp_equivalence", algorithm, str(devices), str(out)]
+    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(devices)]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dpo"])
+def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorithm, tmp_path):
+    (single,) = _run(algorithm, 1, tmp_path / "single")
+    ranks = _run(algorithm, 2, tmp_path / "ddp")
+    for name, tensor in ranks[0]["policy"].items():
+        assert torch.equal(tensor, ranks[1]["policy"][name]), name  # bit-identical across ranks
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    losses = torch.tensor([single["losses"], ranks[0]["losses"]], dtype=torch.float64)
+    loss_gap = float((losses[0] - losses[1]).abs().max())
+    weight_gap = max(float((single["policy"][n] - t).abs().max()) for n, t in ranks[0]["policy"].items())
+    moved = max(float((single["policy"][n] - t).abs().max()) for n, t in _initial_policy().items())
+    print(f"\n{algorithm}: losses 1 process {single['losses']} / 2 processes {ranks[0]['losses']}; "
+          f"max loss gap {loss_gap:.2e}, max weight gap {weight_gap:.2e} (weights moved up to {moved:.2e})")
+    assert len(single["losses"]) == STEPS
+    assert loss_gap < 1e-10
+    assert weight_gap < 1e-10
+    assert moved > 1e-3
+    for name in ("train/rewards/accuracies", "train/rewards/margins") if algorithm == "dpo" else ("train/kl", "train/policy_loss"):
+        assert abs(single["metrics"][name] - ranks[0]["metrics"][name]) < 1e-10, name
+
+
+def _initial_policy() -> dict:
+    from grape_lightning.models.loading import load_causal_lm, load_tokenizer
+    from tests.conftest import tiny_spec
+
+    spec = tiny_spec(dtype="float64")
+    return load_causal_lm(spec, load_tokenizer(spec)).state_dict()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
