@@ -1,4 +1,4 @@
-"""Baselines and advantages: group-relative, leave-one-out, batch mean, whitening.
+"""Baselines and advantages: group-relative, leave-one-out, batch mean, whitening; per-token GAE.
 
 Rewards are per sequence ([batch]); ``groups[i]`` is the index of the prompt that response i
 answers (responses of one prompt share it). ``valid[i]`` is False for a reward that could not be
@@ -7,6 +7,7 @@ computed: such a response takes no part in any statistic and gets advantage 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -99,3 +100,121 @@ def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1
     if not shift_mean:
         whitened = whitened + mean / (std + eps)
     return torch.where(mask, whitened, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-token advantages of PPO: rewards on tokens, GAE, whitening across processes, value diagnostics
+# ------------------------------------------------------------------------------------------------
+
+
+def token_rewards(sequence_rewards: Tensor, kl: Tensor, mask: Tensor, kl_coef: float | Tensor) -> Tensor:
+    """r_t = -beta * kl_t on every token of ``mask``, plus the sequence reward r(x, y) on the last one.
+
+    ``kl`` is the per-token KL estimate ([batch, time], e.g. l_old_t - l_ref_t); ``sequence_rewards``
+    is [batch]. Zero outside ``mask``, also where a sequence reward is NaN but its row is masked out.
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, -kl_coef * kl.to(sequence_rewards.dtype), 0.0)
+    last = mask.long().cumsum(-1).argmax(-1)  # the first column where the token count peaks: the last token
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += sequence_rewards
+    return torch.where(mask, rewards, 0.0)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the tokens of ``mask`` (Schulman et al., 2016):
+
+        delta_t = r_t + gamma V_{t+1} - V_t          (V after the last token of a row is 0)
+        A_t     = delta_t + gamma lambda A_{t+1}
+        R_t     = A_t + V_t                          (the value target)
+
+    ``t + 1`` is the next masked token of the same row (masked-out columns are skipped), so rows
+    of any length and offset share one [batch, time] layout. Returns (A, R), zero outside ``mask``.
+    """
+    mask = mask.bool()
+    dtype = torch.promote_types(rewards.dtype, values.dtype)
+    rewards, values = rewards.to(dtype), values.to(dtype)
+    advantages = torch.zeros_like(values)
+    next_value = values.new_zeros(values.shape[0])
+    next_advantage = values.new_zeros(values.shape[0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        on = mask[:, t]
+        advantages[:, t] = torch.where(on, advantage, 0.0)
+        next_value = torch.where(on, values[:, t], next_value)
+        next_advantage = torch.where(on, advantage, next_advantage)
+    returns = torch.where(mask, advantages + values, 0.0)
+    return advantages, returns
+
+
+def whiten_across(
+    values: Tensor, mask: Tensor, sum_across: Callable[[Tensor], Tensor] = lambda x: x, shift_mean: bool = True, eps: float = 1e-8
+) -> Tensor:
+    """:func:`whiten` with the mean and std over the masked entries of every process.
+
+    ``sum_across`` sums a tensor over processes (under DDP an all-reduce, e.g. Lightning's
+    ``trainer.strategy.reduce(x, reduce_op="sum")``; the identity in one process, where this equals
+    :func:`whiten`). Two reductions, the mean first, so the variance has no cancellation error.
+    """
+    mask = mask.bool()
+    selected = values[mask].double()
+    totals = sum_across(torch.stack([selected.sum(), selected.new_tensor(float(selected.numel()))]))
+    count = float(totals[1])
+    mean = totals[0] / max(count, 1.0)
+    variance = sum_across(((selected - mean) ** 2).sum()) / max(count, 1.0)
+    std = variance.sqrt() if count > 1 else torch.ones_like(mean)
+    mean, std = mean.to(values.dtype), std.to(values.dtype)
+    whitened = (values - mean) / (std + eps)
+    if not shift_mean:
+        whitened = whitened + mean / (std + eps)
+    return torch.where(mask, whitened, 0.0)
+
+
+def update_reward_moments(
+    moments: Tensor, values: Tensor, valid: Tensor, sum_across: Callable[[Tensor], Tensor] = lambda x: x
+) -> Tensor:
+    """Running (count, mean, M2) of a stream of values, updated with the ``valid`` entries of
+    ``values`` from every process; M2 / count is the population variance of the whole stream.
+    ``moments`` is a float64 tensor [3] (zeros for an empty stream). The batch's own M2 is taken
+    about its mean, so there is no cancellation error.
+    """
+    selected = values[valid.bool()].double()
+    totals = sum_across(torch.stack([selected.new_tensor(float(selected.numel())), selected.sum()]))
+    count = float(totals[0])
+    if count == 0:
+        return moments.clone()
+    mean = totals[1] / count
+    m2 = sum_across(((selected - mean) ** 2).sum())
+    return merge_moments(moments, torch.stack([totals[0], mean, m2]).to(moments))
+
+
+def merge_moments(a: Tensor, b: Tensor) -> Tensor:
+    """(count, mean, M2) of two streams together (the parallel merge of Chan et al., 1979):
+
+        n = n_a + n_b,  mean = mean_a + (mean_b - mean_a) n_b / n,
+        M2 = M2_a + M2_b + (mean_b - mean_a)^2 n_a n_b / n
+    """
+    count = a[0] + b[0]
+    if float(count) == 0:
+        return a.clone()
+    delta = b[1] - a[1]
+    return torch.stack([count, a[1] + delta * b[0] / count, a[2] + b[2] + delta**2 * a[0] * b[0] / count])
+
+
+def moments_std(moments: Tensor) -> float:
+    """The population standard deviation of a (count, mean, M2) stream; 1 while it is undefined or 0."""
+    count, m2 = float(moments[0]), float(moments[2])
+    std = (m2 / count) ** 0.5 if count > 1 else 0.0
+    return std if std > 0 else 1.0
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var[R - V] / Var[R] over the masked entries: 1 for a perfect value model, 0 for one that
+    predicts the mean, negative for a worse one (0 when the returns do not vary)."""
+    mask = mask.bool()
+    target = returns[mask].double()
+    residual = target - values[mask].double()
+    variance = target.var(unbiased=False) if target.numel() > 1 else target.new_zeros(())
+    if float(variance) == 0.0:
+        return 0.0
+    return float(1.0 - residual.var(unbiased=False) / variance)

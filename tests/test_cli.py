@@ -80,6 +80,9 @@ def test_help_and_print_config(tmp_path):
 
 
 RL_TAGS = {
+    "ppo": {"train/value_loss", "train/explained_variance", "train/approx_kl", "train/value_clip_fraction", "train/kl_coef",
+            "train/advantage_std", "train/return_mean"},
+    "ppo_reward_model": {"train/reward_scale", "train/value_loss", "train/explained_variance"},
     "grpo": {"train/clip_fraction_low", "train/clip_fraction_high", "train/tied_groups", "train/entropy"},
     "reinforce": {"train/advantage_abs_mean", "train/entropy"},
     "rejection_sampling": {"train/kept_fraction", "train/nll"},

@@ -4,14 +4,13 @@ end with bit-identical state: TRPO averages gradients, Fisher-vector products an
 measurements; PPO whitens advantages, scales rewards, adapts its KL coefficient and stops an
 epoch early on statistics summed over the ranks."""
 
-import pytest
-
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 import yaml
 

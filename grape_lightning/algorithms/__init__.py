@@ -6,6 +6,7 @@ from grape_lightning.algorithms.grape import GRAPEModule, OffPolicyConfig
 from grape_lightning.algorithms.grpo import GRPOModule
 from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.algorithms.optim import OptimizerConfig
+from grape_lightning.algorithms.ppo import PPOModule
 from grape_lightning.algorithms.reinforce import REINFORCEModule
 from grape_lightning.algorithms.rejection_sampling import RejectionSamplingModule
 from grape_lightning.algorithms.reward_model import RewardModelModule
@@ -13,6 +14,6 @@ from grape_lightning.algorithms.sft import SFTModule
 from grape_lightning.algorithms.trpo import TRPOModule
 
 __all__ = [
-    "DPOModule", "GRAPEModule", "GRPOModule", "OffPolicyConfig", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "REINFORCEModule",
+    "DPOModule", "GRAPEModule", "GRPOModule", "OffPolicyConfig", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "PPOModule", "REINFORCEModule",
     "RejectionSamplingModule", "RewardModelModule", "SFTModule", "TRPOModule",
 ]

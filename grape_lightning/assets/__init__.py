@@ -4,6 +4,10 @@
   fine-tuned on two-digit addition (about half of the validation prompts right under greedy
   decoding); the starting point of the RL configs and learning tests. Rebuilt by
   ``scripts/make_tiny_warm_model.py``.
+- ``grape/tiny-addition-rm``: a Bradley-Terry reward model (sequence classification, one label)
+  for the same task and tokenizer, trained on the right sum against the warm model's own wrong
+  answers; the reward of ``configs/ppo_reward_model.yaml``. Rebuilt by
+  ``scripts/make_tiny_reward_model.py``.
 """
 
 from __future__ import annotations

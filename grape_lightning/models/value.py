@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from grape_lightning.models.logprobs import positions_from_mask
+from grape_lightning.models.scores import score_head
 
 
 class ValueHead(nn.Module):
@@ -25,13 +26,28 @@ class ValueModel(nn.Module):
     """Per-token values [batch, time] from a transformer trunk and a :class:`ValueHead`.
 
     With ``trunk`` the policy's own ``base_model`` this is the "head on the policy trunk" option
-    (one network, two outputs); with a separate trunk it is an independent critic.
+    (one network, two outputs); with a separate trunk it is an independent critic
+    (:meth:`from_sequence_scorer` builds one from a reward model).
     """
 
     def __init__(self, trunk: nn.Module, hidden_size: int) -> None:
         super().__init__()
         self.trunk = trunk
         self.head = ValueHead(hidden_size)
+        if next(trunk.parameters()).dtype == torch.float64:
+            self.head.double()  # float64 values from a float64 trunk; float32 from any other
+
+    @classmethod
+    def from_sequence_scorer(cls, scorer: nn.Module) -> ValueModel:
+        """A separate critic that starts as a reward model (a sequence-classification model with
+        one label): its trunk, and its scalar head copied into the value head, so V(h_t) = r(h_t)
+        before training (the initialisation of Ziegler et al., 2019)."""
+        source = score_head(scorer)
+        value = cls(scorer.base_model, source.weight.shape[1])
+        with torch.no_grad():
+            value.head.linear.weight.copy_(source.weight)
+            value.head.linear.bias.copy_(source.bias if source.bias is not None else torch.zeros(1))
+        return value
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None) -> Tensor:
         if position_ids is None and attention_mask is not None:

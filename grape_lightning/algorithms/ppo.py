@@ -1,0 +1,282 @@
+"""PPO with a value model and GAE, on verifier rewards or a learned reward model."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from grape_lightning.advantages import (
+    explained_variance,
+    gae,
+    merge_moments,
+    moments_std,
+    token_rewards,
+    update_reward_moments,
+    whiten_across,
+)
+from grape_lightning.algorithms.base import as_dataclass
+from grape_lightning.algorithms.on_policy import OnPolicyModule, RunningMeans
+from grape_lightning.algorithms.optim import OptimizerConfig
+from grape_lightning.losses.aggregation import Aggregation
+from grape_lightning.losses.kl import kl_penalty
+from grape_lightning.losses.ppo import adaptive_kl_coef, ppo_loss
+from grape_lightning.models.loading import load_sequence_scorer, load_tokenizer
+from grape_lightning.models.spec import ModelSpec
+from grape_lightning.models.value import ValueModel
+from grape_lightning.rewards.base import RewardFunction
+from grape_lightning.rollout.batch import Rollout
+from grape_lightning.rollout.sampling import SamplingParams
+
+ValueModelKind = Literal["head", "separate"]
+RewardScaling = Literal["none", "batch", "running"]
+
+
+class PPOModule(OnPolicyModule):
+    """Proximal Policy Optimization with a learned value model (Schulman et al., 2017; the RLHF
+    form of Ziegler et al., 2019).
+
+    Per rollout batch, on the response tokens t of each sampled y (``gamma``, ``lam``, beta =
+    ``kl_coef``):
+
+        r_t     = -beta (l_old_t - l_ref_t) + [t is the last token] r(x, y) / s
+        V_old_t = V(state before y_t), with the value model as it was at sampling time
+        A_t, R_t = GAE(gamma, lambda) of r and V_old;  R_t = A_t + V_old_t is the value target
+        A_t     <- (A_t - mean A) / std A               (``whiten_advantages``; over every process)
+        L       = agg[-min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t)]
+                  + vf_coef agg[1/2 max((V_t - R_t)^2, (V_clip_t - R_t)^2)] - entropy_coef agg[H_t]
+
+    with V_clip_t = V_old_t + clip(V_t - V_old_t, -value_clip, value_clip) (see
+    :func:`~grape_lightning.losses.ppo.ppo_loss`). The last response token ends the episode
+    (the value after it is 0), also when the response was cut at ``max_new_tokens``.
+
+    ``reward_scaling``: s = 1 (``"none"``), the standard deviation of the batch's sequence
+    rewards over every process (``"batch"``), or that of every reward seen since the start of
+    the run, this batch's included (``"running"``: the statistics are buffers, saved in
+    checkpoints; a reward keeps the same scale from one batch to the next, unlike ``"batch"``).
+    The rewards are divided, not shifted: their offset is the value model's to learn. A learned
+    reward model's scores can spread over tens of units; scaled to unit spread, the value
+    targets stay of order 1, so the value loss does not swamp the policy's gradient in the
+    shared trunk and in the clipped global norm, and ``kl_coef`` and ``value_clip`` mean the
+    same for any reward model.
+
+    Values are aligned like log-probs: ``logprobs[b, t]`` is log pi(y_t | .) computed from the
+    hidden state at position t - 1, and V_t, the value of the state in which y_t is chosen, is
+    the value model's output at that same position t - 1. The first response token's value is
+    thus read at the last prompt token.
+
+    Value model (``value_model``):
+
+    - ``"head"``: a scalar head on the policy's own trunk (one network, shared features);
+    - ``"separate"``: its own trunk, a copy of the initial policy, or, with ``value_init``, a
+      sequence-classification model such as a reward model (trunk and scalar head: V starts as
+      the reward model's score). ``value_init`` must use the policy's tokenizer.
+
+    Its weights are part of the module's ``state_dict``, so checkpoints save them and a resumed
+    run continues with them. Policy and value model share one optimizer, gradient clipping
+    (``max_grad_norm`` over both) and learning-rate schedule; ``vf_coef`` weighs the value loss.
+
+    KL coefficient: fixed, or adaptive with ``kl_target`` (Ziegler et al.): after each rollout
+    batch beta <- beta (1 + clip(KL / kl_target - 1, -0.2, 0.2) N / kl_horizon), KL the mean over
+    the N sequences of sum_t (l_old_t - l_ref_t). beta is a buffer, saved in checkpoints.
+
+    Optimisation: ``epochs`` passes over the rollout batch, each in shuffled mini-batches of
+    ``mini_batch_size`` sequences (all at once for None), one optimizer step per mini-batch
+    (gradients accumulated over micro-batches of ``micro_batch_size``). ``max_steps`` counts
+    optimizer steps, so it is rollout batches x epochs x mini-batches per epoch. With
+    ``target_kl`` the update of a rollout batch stops early (the rest of the epoch and the later
+    epochs are skipped) once a mini-batch's approximate KL(pi_old || pi_theta), measured in its
+    forward pass and averaged over every process, exceeds ``target_kl``; such a batch then takes
+    fewer steps.
+
+    Sequences whose reward could not be computed are masked out of the advantages, the whitening
+    statistics and the loss. Mini-batches are cut from all rows (invalid ones included), so every
+    process takes the same number of optimizer steps under DDP.
+    """
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        rewards: Sequence[RewardFunction] | None = None,
+        sampling: SamplingParams | None = None,
+        optimizer: OptimizerConfig | None = None,
+        value_model: ValueModelKind = "head",
+        value_init: ModelSpec | None = None,
+        reward_scaling: RewardScaling = "none",
+        kl_coef: float = 0.05,
+        kl_target: float | None = None,
+        kl_horizon: float = 10000.0,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        value_clip: float | None = 0.2,
+        vf_coef: float = 0.5,
+        entropy_coef: float = 0.0,
+        whiten_advantages: bool = True,
+        aggregation: Aggregation = "token",
+        epochs: int = 4,
+        mini_batch_size: int | None = None,
+        target_kl: float | None = None,
+        micro_batch_size: int = 64,
+        max_grad_norm: float | None = 1.0,
+        gradient_checkpointing: bool = False,
+        logprob_chunk_size: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            policy, rewards, sampling, optimizer, reference=kl_coef > 0 or kl_target is not None,
+            micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
+            logprob_chunk_size=logprob_chunk_size, seed=seed,
+        )
+        self.value_model = self._build_value_model(value_model, as_dataclass(value_init, ModelSpec), gradient_checkpointing)
+        if reward_scaling not in ("none", "batch", "running"):
+            raise ValueError(f"reward_scaling must be 'none', 'batch' or 'running', got {reward_scaling!r}")
+        self.reward_scaling = reward_scaling
+        self.register_buffer("reward_moments", torch.zeros(3, dtype=torch.float64))  # count, mean, M2 of the rewards seen
+        self.register_buffer("kl_coef", torch.tensor(float(kl_coef), dtype=torch.float64))
+        self.kl_target = kl_target
+        self.kl_horizon = kl_horizon
+        self.gamma = gamma
+        self.lam = lam
+        self.eps_low = eps_low
+        self.eps_high = eps_high
+        self.value_clip = value_clip
+        self.vf_coef = vf_coef
+        self.entropy_coef = entropy_coef
+        self.whiten_advantages = whiten_advantages
+        self.aggregation = aggregation
+        self.epochs = epochs
+        self.mini_batch_size = mini_batch_size
+        self.target_kl = target_kl
+
+    def _build_value_model(self, kind: ValueModelKind, init: ModelSpec | None, gradient_checkpointing: bool) -> ValueModel:
+        hidden_size = self.policy.config.get_text_config().hidden_size
+        if kind == "head":
+            if init is not None:
+                raise ValueError("value_init needs value_model: separate (a head shares the policy's trunk)")
+            return ValueModel(self.policy.base_model, hidden_size)
+        if kind != "separate":
+            raise ValueError(f"value_model must be 'head' or 'separate', got {kind!r}")
+        if init is None:
+            return ValueModel(copy.deepcopy(self.policy).base_model, hidden_size)
+        if load_tokenizer(init).get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"value_init {init.name_or_path or 'config'!r} has another tokenizer than the policy")
+        scorer = load_sequence_scorer(init, self.tokenizer)
+        if gradient_checkpointing:
+            scorer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return ValueModel.from_sequence_scorer(scorer).train()
+
+    # -- values ----------------------------------------------------------------------------------
+    def token_values(self, inputs: dict[str, Tensor]) -> Tensor:
+        """V[b, t] for the response tokens t of ``inputs``: the value model's output at position
+        t - 1, whose hidden state chooses token t (the alignment of the log-probs); 0 elsewhere."""
+        values = self.value_model(inputs["input_ids"], inputs["attention_mask"])
+        before_token = torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
+        return torch.where(inputs["response_mask"], before_token, 0.0)
+
+    @torch.no_grad()
+    def rollout_values(self, rollout: Rollout) -> Tensor:
+        """V_old: the values of the sampled states before any update, in eval mode (deterministic)."""
+        was_training = self.value_model.training
+        self.value_model.eval()
+        values = self._in_micro_batches(len(rollout), lambda i: self.token_values(rollout.model_inputs(i)), rollout.old_logprobs)
+        self.value_model.train(was_training)
+        return values
+
+    # -- across processes ------------------------------------------------------------------------
+    def sum_across(self, tensor: Tensor) -> Tensor:
+        """Sum over the processes of a run (the tensor itself in a single process)."""
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def _global_mean(self, total: float, count: float) -> tuple[float, float]:
+        """(sum over processes of ``total``) / (sum of ``count``), and that summed count."""
+        total, count = self.sum_across(torch.tensor([total, count], dtype=torch.float64, device=self.device)).tolist()
+        return total / max(count, 1.0), count
+
+    def reward_scale(self, rollout: Rollout) -> float:
+        """s of ``reward_scaling`` for this batch (``"running"`` first adds the batch to its statistics)."""
+        if self.reward_scaling == "none":
+            return 1.0
+        batch_moments = update_reward_moments(torch.zeros_like(self.reward_moments), rollout.rewards, rollout.valid, self.sum_across)
+        if self.reward_scaling == "batch":
+            return moments_std(batch_moments)
+        self.reward_moments.copy_(merge_moments(self.reward_moments, batch_moments))
+        return moments_std(self.reward_moments)
+
+    # -- the update ------------------------------------------------------------------------------
+    def update(self, rollout: Rollout) -> None:
+        trained = rollout.trained_mask
+        old_values = self.rollout_values(rollout)
+        if rollout.ref_logprobs is not None:
+            token_kl = torch.where(trained, kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, "k1"), 0.0)
+        else:
+            token_kl = torch.zeros_like(rollout.old_logprobs)
+        reward_scale = self.reward_scale(rollout)
+        rewards = token_rewards(rollout.rewards / reward_scale, token_kl, trained, self.kl_coef)
+        raw_advantages, returns = gae(rewards, old_values, trained, self.gamma, self.lam)
+        advantages = whiten_across(raw_advantages, trained, self.sum_across) if self.whiten_advantages else raw_advantages
+
+        metrics = self.optimise(rollout, advantages, old_values, returns)
+
+        sequence_kl, num_valid = self._global_mean(float(token_kl.sum()), float(rollout.valid.sum()))
+        metrics.update(kl=sequence_kl, kl_coef=float(self.kl_coef), reward_scale=reward_scale)
+        if self.kl_target is not None and rollout.ref_logprobs is not None:
+            self.kl_coef.fill_(adaptive_kl_coef(float(self.kl_coef), sequence_kl, self.kl_target, num_valid, self.kl_horizon))
+        metrics["explained_variance"] = explained_variance(old_values, returns, trained)
+        for name, values in (("advantage", raw_advantages), ("return", returns), ("value", old_values)):
+            selected = values[trained]
+            metrics[f"{name}_mean"] = float(selected.mean()) if selected.numel() else 0.0
+            metrics[f"{name}_std"] = float(selected.std()) if selected.numel() > 1 else 0.0
+        self.log_metrics(metrics)
+
+    def optimise(self, rollout: Rollout, advantages: Tensor, old_values: Tensor, returns: Tensor) -> dict[str, float]:
+        """``epochs`` passes of shuffled mini-batches, one optimizer step each (or fewer: ``target_kl``).
+        Returns the mean metrics over the steps taken and their number (``update_steps``)."""
+        trained = rollout.trained_mask
+        means = RunningMeans()
+        steps = 0
+        rows = torch.arange(len(rollout), device=self.device)
+        # lazily, so each epoch is shuffled from the step it starts at (as a resumed run would)
+        schedule = (index for epoch in range(self.epochs) for index in self.minibatches(rows, self.mini_batch_size, salt=epoch))
+        for index in schedule:
+            num_sequences = int(rollout.valid[index].sum())
+            num_tokens = int(trained[index].sum())
+            if self.sum_across(torch.tensor(float(num_tokens), device=self.device)) == 0:
+                continue  # no trained token in any process: no step (Adam would still move the weights)
+            totals = {"policy_loss": 0.0, "value_loss": 0.0, "approx_kl_sum": 0.0}
+
+            def micro_loss(micro: Tensor) -> Tensor:
+                inputs = rollout.model_inputs(micro)
+                width = inputs["input_ids"].shape[1]
+                token = self.policy_logprobs(
+                    inputs, temperature=self.sampling.logprob_temperature,
+                    chunk_size=self.logprob_chunk_size, with_entropy=True,
+                )
+                mask = trained[micro, :width]
+                loss, metrics = ppo_loss(
+                    token.logprobs, rollout.take("old_logprobs", micro), advantages[micro, :width],
+                    self.token_values(inputs), old_values[micro, :width], returns[micro, :width], mask,
+                    entropy=token.entropy, eps_low=self.eps_low, eps_high=self.eps_high,
+                    value_clip=self.value_clip, vf_coef=self.vf_coef, entropy_coef=self.entropy_coef,
+                    aggregation=self.aggregation, constant_length=self.sampling.max_new_tokens,
+                    num_sequences=num_sequences, num_tokens=num_tokens,
+                )
+                micro_tokens = float(mask.sum())
+                # the micro-batches' loss terms add up to the mini-batch's; the other metrics are token means
+                totals["policy_loss"] += float(metrics.pop("policy_loss"))
+                totals["value_loss"] += float(metrics.pop("value_loss"))
+                totals["approx_kl_sum"] += float(metrics["approx_kl"]) * micro_tokens
+                means.add(metrics, weight=micro_tokens)
+                return loss
+
+            self.optimizer_step_over(index, micro_loss)
+            steps += 1
+            approx_kl_sum = totals.pop("approx_kl_sum")
+            means.add(totals)
+            if self.target_kl is not None and self._global_mean(approx_kl_sum, num_tokens)[0] > self.target_kl:
+                break
+        return {**means.means(), "update_steps": float(steps)}
