@@ -131,7 +131,7 @@ class GRPOModule(OnPolicyModule):
                         kl_estimator=self.kl_estimator, constant_length=self.sampling.max_new_tokens,
                         num_sequences=num_sequences, num_tokens=num_tokens,
                     )
-                    step["loss"] += float(loss)
+                    step["loss"] += float(loss.detach())
                     for name in ("policy_loss", "kl"):
                         if name in metrics:
                             step[name] += float(metrics.pop(name))
