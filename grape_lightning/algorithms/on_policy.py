@@ -27,8 +27,8 @@ from grape_lightning.rewards.base import RewardFunction
 from grape_lightning.rewards.combined import CombinedReward, RewardScores
 from grape_lightning.rollout.batch import Rollout, minibatch_indices
 from grape_lightning.rollout.engine import Generation, GenerationEngine
-from grape_lightning.rollout.kv_cache_engine import KVCacheEngine
 from grape_lightning.rollout.sampling import SamplingParams
+from grape_lightning.rollout.static_cache_engine import build_engine
 
 
 # A checkpoint of an on-policy module holds the weights after the rollout's update, which is what a
@@ -80,7 +80,7 @@ class OnPolicyModule(PolicyModule):
         self.build_models(policy, reference=reference, gradient_checkpointing=gradient_checkpointing)
         # None only when a checkpoint is loaded for export or inspection; training needs rewards.
         self.reward = CombinedReward(list(rewards)) if rewards else None
-        self.engine: GenerationEngine = KVCacheEngine(self.tokenizer)
+        self.engine: GenerationEngine = build_engine(self.sampling.engine, self.tokenizer)
         self.micro_batch_size = micro_batch_size
         self.max_grad_norm = max_grad_norm
         self.logprob_chunk_size = logprob_chunk_size
@@ -203,7 +203,9 @@ class OnPolicyModule(PolicyModule):
 
     @property
     def greedy_sampling(self) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.sampling.max_new_tokens, temperature=0.0, stop_strings=self.sampling.stop_strings)
+        return SamplingParams(
+            max_new_tokens=self.sampling.max_new_tokens, temperature=0.0, stop_strings=self.sampling.stop_strings, engine=self.sampling.engine
+        )
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

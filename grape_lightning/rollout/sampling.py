@@ -15,6 +15,11 @@ class SamplingParams:
     ``temperature=0`` is greedy decoding. The log-prob returned for a sampled token is
     ``log softmax(logits / temperature)`` (``temperature=1`` for greedy), *before* top-k / top-p
     truncation, which is the distribution the training loss evaluates.
+
+    ``engine`` picks the generation backend (see
+    :func:`~grape_lightning.rollout.static_cache_engine.build_engine`): ``"auto"`` replays CUDA
+    graphs over a static KV cache on a GPU and uses the reference engine on CPU; ``"static"``
+    and ``"reference"`` force one of them.
     """
 
     max_new_tokens: int = 64
@@ -22,8 +27,11 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     stop_strings: list[str] = field(default_factory=list)
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.engine not in ("auto", "static", "reference"):
+            raise ValueError(f"engine must be 'auto', 'static' or 'reference', got {self.engine!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

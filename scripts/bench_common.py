@@ -1,0 +1,164 @@
+"""Shared pieces of the benchmarks: model shapes, timing, device ceilings, FLOP counts, reports.
+
+The benchmark models are the Qwen2.5 shapes built from a config with random weights (speed does
+not depend on the values), in bf16, with the offline character tokenizer for the few places that
+need text; token ids are drawn over the model's full 151,936-token vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grape_lightning.models.loading import load_causal_lm, load_tokenizer
+from grape_lightning.models.spec import ModelSpec
+
+QWEN25_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+        "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    },
+    "qwen2.5-1.5b": {
+        "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+        "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+        "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    },
+    # a few-layer, small-vocabulary stand-in for checking a script on a CPU
+    "tiny": {
+        "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": True,
+        "max_position_embeddings": 4096,
+    },
+}
+
+# dense bf16 peak of the device, for MFU (datasheet numbers; SXM parts)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def model_spec(shape: str, dtype: str = "bfloat16") -> ModelSpec:
+    return ModelSpec(config=dict(QWEN25_SHAPES[shape]), tokenizer="grape/char", dtype=dtype, attn_implementation="sdpa")
+
+
+def build_model(shape: str, device: str, dtype: str = "bfloat16"):
+    spec = model_spec(shape, dtype)
+    tokenizer = load_tokenizer(spec)
+    return load_causal_lm(spec, tokenizer).to(device).eval(), tokenizer
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(function: Callable[[], Any]) -> tuple[float, Any]:
+    """(seconds, result) of one call, the device synchronised on both sides."""
+    synchronize()
+    start = time.perf_counter()
+    result = function()
+    synchronize()
+    return time.perf_counter() - start, result
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def measured_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
+    """Device memory bandwidth in bytes/s: a large device-to-device copy, bytes read plus written."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda").random_()
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * source.numel() / median(times)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the (unique) parameters: what one decode step must read at least once."""
+    seen, total = set(), 0
+    for parameter in model.parameters():
+        if parameter.data_ptr() not in seen:
+            seen.add(parameter.data_ptr())
+            total += parameter.numel() * parameter.element_size()
+    return total
+
+
+def training_flops_per_token(config: dict[str, Any], sequence: int) -> float:
+    """Forward + backward FLOPs per token of a decoder (the PaLM appendix count): 6 N for the
+    matrix products of N non-embedding parameters plus the LM head, and 6 * 2 * layers * hidden *
+    sequence / 2 for causal attention scores and values (half the square is masked)."""
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = hidden // heads
+    attention_projections = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * config["intermediate_size"]
+    matmul_params = layers * (attention_projections + mlp) + hidden * config["vocab_size"]
+    attention = 2 * layers * hidden * sequence  # QK^T and AV per token, causal half: 2 * (2 * L * H * T) / 2
+    return 6 * matmul_params + 3 * attention
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+
+
+def peak_flops() -> float:
+    name = device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), float("nan"))
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import transformers
+
+    found = {"torch": torch.__version__, "lightning": lightning.__version__, "transformers": transformers.__version__}
+    try:
+        import trl
+
+        found["trl"] = trl.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        found["cuda"] = torch.version.cuda or ""
+    return found
+
+
+def write_report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+    """Print the rows as a table and save them (with device and versions) as JSON under $OUT or ./benchmarks/out."""
+    report = {"device": device_name(), "versions": versions(), "rows": rows, **(extra or {})}
+    directory = Path(os.environ.get("OUT") or "benchmarks/out")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps(report, indent=2))
+    print(f"\n== {name} on {report['device']} ({', '.join(f'{k} {v}' for k, v in report['versions'].items())})")
+    if rows:
+        columns = list(rows[0])
+        print(" | ".join(columns))
+        for row in rows:
+            print(" | ".join(f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c)) for c in columns))

@@ -1,0 +1,117 @@
+"""The static-cache engine against the reference KV-cache engine: the same tokens and log-probs
+for each supported architecture (float64 on CPU, where no graph is captured), the same stops,
+the same result for any check interval, and a clean fallback for other models. On a CUDA device
+the captured graphs are checked the same way, and against a changed weight."""
+
+import pytest
+import torch
+
+from grape_lightning.models.loading import load_causal_lm, load_tokenizer
+from grape_lightning.models.logprobs import response_logprobs
+from grape_lightning.rollout.kv_cache_engine import KVCacheEngine
+from grape_lightning.rollout.sampling import SamplingParams
+from grape_lightning.rollout.static_cache_engine import StaticCacheEngine
+from tests.conftest import TINY_CONFIG, tiny_spec
+
+PROMPTS = ["12+7=", "3+4=", "reverse abcde:", "99+99=", "1+1=", "reverse xy:"]
+
+ARCHITECTURES = {
+    "qwen2": dict(TINY_CONFIG),
+    "llama": {**TINY_CONFIG, "model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+              "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    "qwen3": {**TINY_CONFIG, "model_type": "qwen3", "head_dim": 16},
+    "mistral": {**TINY_CONFIG, "model_type": "mistral", "sliding_window": None},
+}
+
+
+def _model(architecture: str, dtype: str = "float64", device: str = "cpu"):
+    spec = tiny_spec(config=ARCHITECTURES[architecture], dtype=dtype, init_seed=3)
+    tokenizer = load_tokenizer(spec)
+    model = load_causal_lm(spec, tokenizer).to(device).eval()
+    with torch.no_grad():  # larger weights than the initialiser's, so that the logits are far from flat
+        for parameter in model.parameters():
+            if parameter.ndim == 2:
+                parameter.mul_(8.0)
+    return model, tokenizer, [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+def _assert_same(ours, reference, atol: float) -> None:
+    assert ours.prompt_width == reference.prompt_width
+    assert torch.equal(ours.input_ids, reference.input_ids)
+    assert torch.equal(ours.attention_mask, reference.attention_mask)
+    assert torch.equal(ours.response_mask, reference.response_mask)
+    assert torch.equal(ours.finished, reference.finished)
+    torch.testing.assert_close(ours.logprobs, reference.logprobs, rtol=0, atol=atol)
+
+
+PARAMS = {
+    "greedy": SamplingParams(max_new_tokens=12, temperature=0),
+    "sampled": SamplingParams(max_new_tokens=12, temperature=1.0),
+    "top_k_top_p": SamplingParams(max_new_tokens=12, temperature=0.7, top_k=10, top_p=0.9),
+    "stop_string": SamplingParams(max_new_tokens=12, temperature=1.0, stop_strings=["9"]),
+}
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+@pytest.mark.parametrize("setting", list(PARAMS))
+def test_same_generation_as_the_reference_engine(architecture, setting):
+    model, tokenizer, prompt_ids = _model(architecture)
+    params = PARAMS[setting]
+    prompts = prompt_ids * 3
+    reference = KVCacheEngine(tokenizer).generate(model, prompts, params, torch.Generator().manual_seed(1))
+    ours = StaticCacheEngine(tokenizer).generate(model, prompts, params, torch.Generator().manual_seed(1))
+    _assert_same(ours, reference, atol=1e-10)
+    fresh = response_logprobs(model, ours.input_ids, ours.response_mask, ours.attention_mask, temperature=params.logprob_temperature)
+    torch.testing.assert_close(ours.logprobs, fresh.logprobs, rtol=0, atol=1e-10)
+
+
+def test_stops_are_honoured_and_the_check_interval_does_not_change_the_result():
+    model, tokenizer, prompt_ids = _model("qwen2")
+    model.generation_config.eos_token_id = list(range(1, len(tokenizer), 3))  # a third of the tokens end a row
+    params = SamplingParams(max_new_tokens=20, temperature=1.5)
+    prompts = prompt_ids * 4
+    results = [
+        StaticCacheEngine(tokenizer, check_every=every).generate(model, prompts, params, torch.Generator().manual_seed(5))
+        for every in (1, 3, 8, 64)
+    ]
+    reference = KVCacheEngine(tokenizer).generate(model, prompts, params, torch.Generator().manual_seed(5))
+    lengths = reference.response_lengths
+    assert reference.finished.all() and lengths.max() < 20 and lengths.min() < lengths.max()  # ragged stops, all early
+    for result in results:
+        _assert_same(result, reference, atol=1e-10)
+
+
+def test_prompt_padding_to_a_shared_width_is_invisible():
+    model, tokenizer, prompt_ids = _model("qwen2")
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    narrow = StaticCacheEngine(tokenizer, width_multiple=1).generate(model, prompt_ids, params)
+    wide = StaticCacheEngine(tokenizer, width_multiple=64).generate(model, prompt_ids, params)
+    _assert_same(wide, narrow, atol=1e-10)
+
+
+def test_unsupported_models_fall_back_to_the_reference_engine():
+    spec = tiny_spec(config={"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}, dtype="float64")
+    tokenizer = load_tokenizer(spec)
+    model = load_causal_lm(spec, tokenizer).eval()
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    engine = StaticCacheEngine(tokenizer)
+    with pytest.warns(UserWarning, match="gpt2"):
+        ours = engine.generate(model, prompt_ids, params)
+    _assert_same(ours, KVCacheEngine(tokenizer).generate(model, prompt_ids, params), atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("architecture", ["qwen2", "llama", "qwen3"])
+def test_cuda_graphs_give_the_reference_tokens_and_follow_weight_updates(architecture):
+    model, tokenizer, prompt_ids = _model(architecture, dtype="float32", device="cuda")
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    engine = StaticCacheEngine(tokenizer)
+    for _ in range(2):  # the second call replays the graph recorded by the first
+        ours = engine.generate(model, prompt_ids * 4, params)
+        reference = KVCacheEngine(tokenizer).generate(model, prompt_ids * 4, params)
+        _assert_same(ours, reference, atol=1e-4)
+        with torch.no_grad():  # an in-place update, as an optimizer step makes it
+            for parameter in model.parameters():
+                parameter.add_(0.01 * torch.randn_like(parameter))
+    assert len(engine._decoders) == 1
