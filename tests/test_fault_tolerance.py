@@ -167,3 +167,66 @@ def test_sigkill_between_write_and_rename_keeps_last_ckpt_and_resume_ignores_the
     # what ``ckpt_path="last"`` resumes from: the complete checkpoint, never the leftover
     found = ModelCheckpoint(dirpath=tmp_path)._find_last_checkpoints(None)
     assert found == {str(path)}
+
+
+class RecordPrompts(L.Callback):
+    """Appends the prompts each rank trained on (one line per rank and step)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        prompts = sorted({sample["prompt"] for sample in module.last_samples})
+        with open(self.directory / f"prompts-rank{trainer.global_rank}.txt", "a") as handle:
+            handle.write("\n".join(prompts) + "\n")
+
+
+def _resize_command(run: Path, devices: int, batch_size: int, max_steps: int) -> list[str]:
+    override = {
+        "trainer": {
+            "max_steps": max_steps, "val_check_interval": 1000, "logger": False, "enable_progress_bar": False,
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+                    "dirpath": str(run / "checkpoints"), "every_n_train_steps": 2, "save_last": True,
+                }},
+                {"class_path": "tests.test_fault_tolerance.RecordPrompts", "init_args": {"directory": str(run / "record")}},
+            ],
+        },
+        "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 4}}, "batch_size": batch_size, "group_size": 2}},
+    }
+    (run / f"override-{devices}.yaml").write_text(yaml.safe_dump(override))
+    return [
+        sys.executable, "-m", "grape_lightning.cli", "fit", "--config", str(ROOT / "configs/grpo.yaml"),
+        "--config", str(run / f"override-{devices}.yaml"), "--ckpt_path", "last",
+        "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
+    ]
+
+
+def _first_prompts(count: int) -> list[str]:
+    """The first ``count`` prompts of epoch 0's shuffled order (what one process trains on first)."""
+    from grape_lightning.data.tasks import ArithmeticTask
+    from grape_lightning.models.loading import load_tokenizer
+    from grape_lightning.rollout import RolloutDataModule
+
+    data = RolloutDataModule(task=ArithmeticTask(digits=2, operators="+", num_train=64, num_val=4), batch_size=count)
+    data.set_tokenizer(load_tokenizer("grape/tiny-addition-sft"))
+    data.setup()
+    return sorted(set(next(iter(data.train_dataloader()))["prompts"]))
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_number_of_processes_where_it_stopped(before, after, tmp_path):
+    """The same command but ``--trainer.devices``: 2 prompts per process and step, so the global
+    batch changes with the number of processes. 2 steps, then 2 more after the resume, which must
+    train on the prompts that follow in the order, none twice, none skipped."""
+    run = tmp_path / "run"
+    run.mkdir()
+    _finish(_resize_command(run, before, 2, 2), tmp_path)
+    _finish(_resize_command(run, after, 2, 4), tmp_path)
+    trained = []
+    for path in sorted((run / "record").glob("prompts-rank*.txt")):
+        trained += [line for line in path.read_text().splitlines() if line]
+    print(f"\n{before} -> {after} processes: {len(trained)} prompts trained, {len(set(trained))} distinct")
+    assert len(trained) == 12 == len(set(trained))
+    assert sorted(trained) == _first_prompts(12)

@@ -3,6 +3,11 @@
 Lightning stores ``state_dict()`` of every training DataLoader in the checkpoint and calls
 ``load_state_dict()`` on resume, so a run stopped mid-epoch continues with the first batch it had
 not yet trained on, in the same order, instead of starting the epoch over.
+
+The position is stored as the number of examples all ranks together have taken from the epoch's
+permutation (rank r of W takes positions r, r + W, r + 2W, ...: after k batches of B each, the
+ranks together have taken the first k B W). A run resumed on another number of processes, or
+with another batch size, therefore continues right after the examples already trained on.
 """
 
 from __future__ import annotations
@@ -72,8 +77,19 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches_done": self._batches_done}  # type: ignore[attr-defined]
+        replicas = self.sampler.num_replicas  # type: ignore[attr-defined]
+        return {
+            "epoch": self.sampler.epoch,  # type: ignore[attr-defined]
+            "batches_done": self._batches_done,
+            "examples_done": self._batches_done * self.batch_size * replicas,  # type: ignore[operator]
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        # Written by a run with the same world size and batch size, both counts agree; otherwise the
+        # examples taken by all ranks decide, rounded down to whole batches of this run (a few
+        # examples may then be seen twice, none skipped).
+        examples = state.get("examples_done")
+        per_batch = self.batch_size * self.sampler.num_replicas  # type: ignore[operator, attr-defined]
+        batches = state["batches_done"] if examples is None else examples // per_batch
         # A checkpoint written at the end of an epoch resumes at the start of the next one.
-        self._resume_at = state["batches_done"] if state["batches_done"] < len(self) else 0
+        self._resume_at = batches if batches < len(self) else 0
