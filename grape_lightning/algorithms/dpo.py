@@ -95,13 +95,14 @@ class DPOModule(PolicyModule):
         values = []
         was_training = self.policy.training
         self.policy.eval()
-        for start in range(0, len(pairs), batch_size):
-            batch = collate_pairs(pairs[start : start + batch_size], self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            token = response_logprobs(self.policy, batch["input_ids"], batch["response_mask"], batch["attention_mask"], chunk_size=self.logprob_chunk_size)
-            logps = self.sequence_logps(token.logprobs, batch["response_mask"])
-            half = len(batch["pair_ids"])
-            values.append(torch.stack([logps[:half], logps[half:]], dim=1).cpu())
+        with self.generation_context() as policy:  # before training: FSDP / ZeRO-3 parameters gathered
+            for start in range(0, len(pairs), batch_size):
+                batch = collate_pairs(pairs[start : start + batch_size], self.tokenizer.pad_token_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                token = response_logprobs(policy, batch["input_ids"], batch["response_mask"], batch["attention_mask"], chunk_size=self.logprob_chunk_size)
+                logps = self.sequence_logps(token.logprobs, batch["response_mask"])
+                half = len(batch["pair_ids"])
+                values.append(torch.stack([logps[:half], logps[half:]], dim=1).cpu())
         self.policy.train(was_training)
         return torch.cat(values) if values else torch.zeros(0, 2)
 

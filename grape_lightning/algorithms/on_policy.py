@@ -115,7 +115,8 @@ class OnPolicyModule(PolicyModule):
         was_training = self.policy.training
         self.policy.eval()
         start = time.perf_counter()
-        generation = self.engine.generate(self.policy, batch["prompt_ids"], sampling, None if sampling.greedy else self._generator())
+        with self.generation_context() as policy:
+            generation = self.engine.generate(policy, batch["prompt_ids"], sampling, None if sampling.greedy else self._generator())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         generation_seconds = time.perf_counter() - start

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import lightning as L
 
+from grape_lightning.models.full_parameters import full_parameters
+
 
 def export_atomically(pl_module: L.LightningModule, directory: str | Path) -> Path:
     """Write ``pl_module.export_hf`` output into ``directory`` so a crash never leaves it half-written.
@@ -46,8 +48,9 @@ class HFExport(L.Callback):
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         target = self._target(trainer)  # on every rank: ``trainer.log_dir`` is a collective under DDP
         trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            export_atomically(pl_module, target)
+        with full_parameters(pl_module, pl_module, forward=False):  # every rank gathers (FSDP, ZeRO-3); rank 0 writes
+            if trainer.is_global_zero:
+                export_atomically(pl_module, target)
         trainer.strategy.barrier()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grape_lightning.models.full_parameters import full_parameters
 from grape_lightning.models.loading import load_causal_lm, load_tokenizer
 from grape_lightning.models.logprobs import TokenLogprobs, response_logprobs
 from grape_lightning.models.lora import LoRAPolicy
@@ -103,6 +105,13 @@ class PolicyModelsMixin:
         if isinstance(getattr(self, "reference", None), nn.Module):
             self.reference.eval()  # the reference is always in eval mode (no dropout)
         return self
+
+    # -- generation -----------------------------------------------------------------------------
+    def generation_context(self) -> contextlib.AbstractContextManager[PreTrainedModel]:
+        """``with self.generation_context() as policy:`` the policy with its full parameters, so the
+        data-dependent number of decoding forwards runs no collective under FSDP or ZeRO-3
+        (:mod:`grape_lightning.models.full_parameters`). Every rank must enter it."""
+        return full_parameters(self, self.policy)  # type: ignore[arg-type]
 
     # -- log-probs ------------------------------------------------------------------------------
     def policy_logprobs(self, batch: dict[str, Tensor], **kwargs: Any) -> TokenLogprobs:
