@@ -41,7 +41,7 @@ def _setup(algorithm: str, devices: int):
     spec = tiny_spec(dtype="float64")
     optimizer = OptimizerConfig(lr=1e-2)
     if algorithm == "dpo":
-        module = DPOModule(spec, optimizer=optimizer, beta=0.5)
+        module = DPOModule(spec, optimizer=optimizer, beta=0.5, sft_weight=0.5)  # NLL: a token mean over ranks
         data = PreferenceDataModule(task=ArithmeticTask(num_train=96, num_val=4), max_length=24, batch_size=8 // devices)
         return module, data
 
@@ -143,7 +143,7 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
     assert loss_gap < 1e-10
     assert weight_gap < 1e-10
     assert moved > 1e-3
-    for name in ("train/rewards/accuracies", "train/rewards/margins") if algorithm == "dpo" else ("train/kl", "train/policy_loss"):
+    for name in ("train/rewards/accuracies", "train/rewards/margins", "train/sft_nll") if algorithm == "dpo" else ("train/kl", "train/policy_loss"):
         assert abs(single["metrics"][name] - ranks[0]["metrics"][name]) < 1e-10, name
 
 

@@ -143,7 +143,11 @@ class DPOModule(PolicyModule):
             beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
         )
         if self.sft_weight:
-            nll, _ = sft_loss(token.logprobs[:pairs], batch["response_mask"][:pairs])
+            # token mean over the chosen responses of every rank: normalised by the global count
+            # times the processes, whose gradient average the strategy takes
+            chosen = batch["response_mask"][:pairs]
+            tokens = float(self.sum_across_processes(chosen.sum().double())) / self.data_parallel_size
+            nll, _ = sft_loss(token.logprobs[:pairs], chosen, num_tokens=tokens)
             loss = loss + self.sft_weight * nll
             metrics["sft_nll"] = nll.detach()
         log_stage(self, stage, metrics, pairs, prog_bar=("loss", "rewards/accuracies"))
