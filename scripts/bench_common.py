@@ -162,3 +162,44 @@ def write_report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | 
         print(" | ".join(columns))
         for row in rows:
             print(" | ".join(f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c)) for c in columns))
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level fast tokenizer whose words are ``w0 .. w{vocab_size - 4}`` plus pad/eos/bos/unk:
+    text of n random words is exactly n tokens, and every id of the model's vocabulary decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(special + [f"w{i}" for i in range(vocab_size - len(special))])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+
+
+def random_text(generator: torch.Generator, words: int, vocab_size: int) -> str:
+    ids = torch.randint(0, vocab_size - 4, (words,), generator=generator).tolist()
+    return " ".join(f"w{i}" for i in ids)
+
+
+def save_benchmark_model(shape: str, directory: Path, dtype: str = "bfloat16") -> ModelSpec:
+    """A random-weight model of ``shape`` (``directory/model``) and the synthetic tokenizer
+    (``directory/tokenizer``: apart from the model, since a model config would make
+    ``AutoTokenizer`` rebuild it as that model family's tokenizer). Both our modules (through the
+    returned spec) and a peer trainer load them from there."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(QWEN25_SHAPES[shape])
+    tokenizer = synthetic_tokenizer(config["vocab_size"])
+    model_type = config.pop("model_type")
+    config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=getattr(torch, dtype))
+    model.save_pretrained(directory / "model")
+    tokenizer.save_pretrained(directory / "tokenizer")
+    return ModelSpec(name_or_path=str(directory / "model"), tokenizer=str(directory / "tokenizer"), dtype=dtype, attn_implementation="sdpa")

@@ -78,6 +78,7 @@ def test_reference_answers_join_the_sample_set(tmp_path):
     module = GRAPEModule(
         tiny_spec(), rubric=_write(tmp_path, ONE_ITEM), sampling=SamplingParams(max_new_tokens=4),
         off_policy=OffPolicyConfig(reference_answers=True, treatment="positive_only"), beta=0.0,
+        num_iterations=2,  # a second pass needs pi_old's log-probs (one pass reads them off its own forward)
     )
     datamodule = _datamodule()
     datamodule.set_tokenizer(module.tokenizer)

@@ -96,6 +96,12 @@ class GRPOModule(OnPolicyModule):
         std = (squares / (count - 1)).sqrt() if count >= 2 else torch.ones((), dtype=torch.float64, device=rewards.device)
         return std.to(rollout.rewards.dtype)
 
+    @property
+    def needs_old_logprobs(self) -> bool:
+        # One pass, one mini-batch: the update's weights are the sampling weights, so pi_old is the
+        # detached log-prob of the update's own forward pass (the ratio is exactly 1).
+        return self.num_iterations > 1 or self.mini_batch_size is not None
+
     def trained_rows(self, rollout: Rollout, advantages: Tensor, tied_groups: Tensor) -> Tensor:
         """[N] bool: the responses that enter the loss (overridden by GRAPE for off-policy members)."""
         return rollout.valid & ~tied_groups[rollout.groups] if self.filter_tied_groups else rollout.valid
@@ -124,8 +130,9 @@ class GRPOModule(OnPolicyModule):
                         chunk_size=self.logprob_chunk_size, with_entropy=True,
                     )
                     mask = inputs["response_mask"] & trained[micro, None]
+                    old_logprobs = rollout.take("old_logprobs", micro) if self.needs_old_logprobs else token.logprobs.detach()
                     loss, metrics = grpo_loss(
-                        token.logprobs, rollout.take("old_logprobs", micro), advantages[micro], mask,
+                        token.logprobs, old_logprobs, advantages[micro], mask,
                         ref_logprobs=rollout.take("ref_logprobs", micro) if rollout.ref_logprobs is not None else None,
                         beta=self.beta, eps_low=self.eps_low, eps_high=self.eps_high, aggregation=self.aggregation,
                         kl_estimator=self.kl_estimator, constant_length=self.sampling.max_new_tokens,

@@ -146,15 +146,24 @@ class OnPolicyModule(PolicyModule):
             details=scores.details,
         )
         if not sampling.greedy:
-            rollout.old_logprobs = self._in_micro_batches(
-                len(rollout), lambda i: self.token_logprobs(self.policy, rollout.model_inputs(i)), rollout.old_logprobs
-            )
+            if self.needs_old_logprobs:
+                rollout.old_logprobs = self._in_micro_batches(
+                    len(rollout), lambda i: self.token_logprobs(self.policy, rollout.model_inputs(i)), rollout.old_logprobs
+                )
             if self.reference is not None:
                 rollout.ref_logprobs = self._in_micro_batches(
                     len(rollout), lambda i: self.with_reference(self.token_logprobs, rollout.model_inputs(i)), rollout.old_logprobs
                 )
         rollout.generation_seconds = generation_seconds
         return rollout
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        """Whether the update needs pi_old's log-probs recomputed by the training forward pass
+        (the sampler's may differ in rounding). An algorithm that takes one optimizer step per
+        rollout with the weights that sampled can read them off its own forward pass instead, which
+        saves one forward over the rollout."""
+        return True
 
     def extend_sample_set(self, batch: dict[str, Any], generation: Generation) -> tuple[Generation, dict[str, Any]]:
         """Hook for algorithms whose sample set holds more than the policy's samples (GRAPE's

@@ -1,0 +1,185 @@
+"""One GRPO step of 64 prompts x 8 samples x 256 new tokens: step time split into generation,
+scoring, log-probs and update, and peak memory; with ``--peer trl`` TRL's GRPOTrainer (its default
+generation) on the same model, prompts, reward and settings, in the same call.
+
+    python scripts/bench_grpo.py --shape qwen2.5-0.5b --peer trl
+
+Settings on both sides: bf16 weights, prompts of 128 tokens, temperature 1, at most 256 new
+tokens, group size 8, no KL term (TRL's default beta = 0), one optimizer step per rollout batch
+(TRL: 64 completions per micro-batch x 8 accumulation steps = the 512 completions of one
+generation), no gradient checkpointing (TRL's default turns it on; off here on both sides), a
+reward computed from the response text (the share of even word ids). The first ``--warmup``
+steps are left out (CUDA graph recording, allocator warm-up); the median of the rest is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from bench_common import QWEN25_SHAPES, median, peak_memory_gib, random_text, reset_peak_memory, save_benchmark_model, synchronize, write_report
+
+from grape_lightning.algorithms import GRPOModule, OptimizerConfig
+from grape_lightning.rewards import RewardFunction
+from grape_lightning.rollout import RolloutDataModule, SamplingParams
+
+
+def even_share(text: str) -> float:
+    words = text.split()
+    return sum(int(word[1:]) % 2 == 0 for word in words if word[1:].isdigit()) / max(len(words), 1)
+
+
+class EvenWords(RewardFunction):
+    """A cheap reward read from the text: the share of response words with an even id."""
+
+    def __call__(self, prompts, responses, metadata):
+        return [even_share(response) for response in responses]
+
+
+class Stopwatch:
+    """Wraps methods of an object to add their device-synchronised seconds under a phase name."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def wrap(self, owner, method: str, phase: str) -> None:
+        original = getattr(owner, method)
+
+        def timed(*args, **kwargs):
+            synchronize()
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            synchronize()
+            self.totals[phase] += time.perf_counter() - start
+            return result
+
+        setattr(owner, method, timed)
+
+
+class StepTimer(L.Callback):
+    def __init__(self, stopwatch: Stopwatch) -> None:
+        self.stopwatch = stopwatch
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        synchronize()
+        self.stopwatch.totals.clear()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        synchronize()
+        step = {"step_s": time.perf_counter() - self.start, **self.stopwatch.totals}
+        step["update_s"] = step.pop("update", 0.0)
+        self.steps.append(step)
+
+
+def ours(spec, prompt_file: Path, args) -> dict:
+    L.seed_everything(0)
+    module = GRPOModule(
+        spec, rewards=[EvenWords()], sampling=SamplingParams(max_new_tokens=args.new, temperature=1.0),
+        optimizer=OptimizerConfig(lr=1e-6, weight_decay=0.0), beta=0.0, micro_batch_size=args.micro_batch,
+    )
+    datamodule = RolloutDataModule(train_file=str(prompt_file), group_size=args.group, batch_size=args.prompts,
+                                   max_prompt_length=args.prompt)
+    stopwatch = Stopwatch()
+    stopwatch.wrap(module.engine, "generate", "generation_s")
+    stopwatch.wrap(module, "score", "scoring_s")
+    stopwatch.wrap(module, "token_logprobs", "logprobs_s")
+    stopwatch.wrap(module, "update", "update")
+    timer = StepTimer(stopwatch)
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, precision="bf16-true", max_steps=args.warmup + args.steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=[timer],
+    )
+    reset_peak_memory()
+    trainer.fit(module, datamodule)
+    return {"steps": timer.steps[args.warmup:], "peak_gib": peak_memory_gib()}
+
+
+def trl_peer(spec, prompts: list[str], args) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    class HFStepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, *_, **__) -> None:
+            synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__) -> None:
+            synchronize()
+            self.seconds.append(time.perf_counter() - self.start)
+
+    def even_words(completions, **kwargs):
+        return [even_share(completion) for completion in completions]
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, tokenizer_class="PreTrainedTokenizerFast")
+    model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=torch.bfloat16, attn_implementation="sdpa")
+    accumulation = args.prompts * args.group // args.micro_batch
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(), max_steps=args.warmup + args.steps, learning_rate=1e-6, weight_decay=0.0,
+        bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
+        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=accumulation,
+        num_generations=args.group, max_completion_length=args.new, temperature=1.0, beta=0.0,
+        logging_steps=10_000, save_strategy="no", report_to="none", dataloader_num_workers=0, lr_scheduler_type="constant",
+    )
+    timer = HFStepTimer()
+    trainer = GRPOTrainer(model=model, reward_funcs=[even_words], args=config,
+                          train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tokenizer,
+                          callbacks=[timer])
+    reset_peak_memory()
+    trainer.train()
+    return {"steps": [{"step_s": s} for s in timer.seconds[args.warmup:]], "peak_gib": peak_memory_gib()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="qwen2.5-0.5b")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=256, help="new tokens at most")
+    parser.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--peer", choices=["none", "trl"], default="none")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp())
+    spec = save_benchmark_model(args.shape, workdir)
+    generator = torch.Generator().manual_seed(0)
+    vocab = QWEN25_SHAPES[args.shape]["vocab_size"]
+    prompts = [random_text(generator, args.prompt, vocab) for _ in range(args.prompts * (args.warmup + args.steps))]
+    prompt_file = workdir / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+
+    rows = []
+    runs = {"ours": lambda: ours(spec, prompt_file, args)}
+    if args.peer == "trl":
+        runs["trl"] = lambda: trl_peer(spec, prompts, args)
+    for name, run in runs.items():
+        result = run()
+        row = {"impl": name, "peak_gib": result["peak_gib"], "steps_timed": len(result["steps"])}
+        for phase in result["steps"][0]:
+            row[phase] = median([step[phase] for step in result["steps"]])
+        rows.append(row)
+        print(row, flush=True)
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if len(rows) == 2:
+        rows[0]["trl_over_ours"] = rows[1]["step_s"] / rows[0]["step_s"]
+    write_report("grpo_step", rows, {"shape": args.shape, "prompts": args.prompts, "group": args.group, "new_tokens": args.new})
+
+
+if __name__ == "__main__":
+    main()
