@@ -101,6 +101,19 @@ def test_unsupported_models_fall_back_to_the_reference_engine():
     _assert_same(ours, KVCacheEngine(tokenizer).generate(model, prompt_ids, params), atol=0)
 
 
+def test_a_reused_cache_follows_in_place_weight_updates():
+    """The engine keeps its cache (and fused projections) between calls; an optimizer step in between is seen."""
+    model, tokenizer, prompt_ids = _model("qwen2")
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    engine = StaticCacheEngine(tokenizer)
+    for _ in range(3):
+        _assert_same(engine.generate(model, prompt_ids, params), KVCacheEngine(tokenizer).generate(model, prompt_ids, params), atol=1e-10)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    assert len(engine._decoders) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("architecture", ["qwen2", "llama", "qwen3"])
 def test_cuda_graphs_give_the_reference_tokens_and_follow_weight_updates(architecture):

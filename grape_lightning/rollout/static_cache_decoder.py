@@ -54,10 +54,22 @@ def unsupported_reason(model: nn.Module, length: int) -> str | None:
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding of [batch, heads, time, head_dim] (the half-split convention)."""
+    """Rotary position embedding, x cos + rotate_half(x) sin over the last dimension (the
+    half-split convention of Hugging Face's Llama family)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, rotated, sin)
+
+
+def rms_norm(module: nn.Module, x: Tensor) -> Tensor:
+    """A Llama-family RMSNorm module applied as one fused kernel (its own forward takes seven).
+
+    The module's forward normalises in float32 whatever the input; float64 inputs (used to check
+    this decoder against the model exactly) therefore go through it unchanged."""
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None or getattr(module, "weight", None) is None or x.dtype == torch.float64:
+        return module(x)
+    return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
 
 
 class StaticCacheDecoder:
@@ -91,25 +103,61 @@ class StaticCacheDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: Tensor | None = None
         self.weights_fingerprint = weights_fingerprint(model)
+        self._fuse_projections()
+
+    # -- weights --------------------------------------------------------------------------------
+    def refresh_weights(self) -> None:
+        """Copy the current query/key/value weights into the fused projections (in place, so a
+        recorded graph reads the new values). Call after the model's weights changed."""
+        with torch.no_grad():
+            for layer, weight, bias in zip(self.layers, self.qkv_weights, self.qkv_biases):
+                attention = layer.self_attn
+                torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight], out=weight)
+                if bias is not None:
+                    torch.cat([attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias], out=bias)
+
+    def _fuse_projections(self) -> None:
+        # One matrix product for queries, keys and values instead of three (a decode step is
+        # bound by the number of kernels it launches). Only for plain linear layers: an adapter
+        # (LoRA) wraps them, and its layers are then called one by one.
+        self.fused = all(type(getattr(layer.self_attn, name)) is nn.Linear for layer in self.layers for name in ("q_proj", "k_proj", "v_proj"))
+        self.qkv_weights: list[Tensor] = []
+        self.qkv_biases: list[Tensor | None] = []
+        if not self.fused:
+            return
+        for layer in self.layers:
+            attention = layer.self_attn
+            rows = sum(getattr(attention, name).out_features for name in ("q_proj", "k_proj", "v_proj"))
+            self.qkv_weights.append(attention.q_proj.weight.new_empty(rows, attention.q_proj.in_features))
+            self.qkv_biases.append(attention.q_proj.bias.new_empty(rows) if attention.q_proj.bias is not None else None)
+        self.refresh_weights()
 
     # -- attention -----------------------------------------------------------------------------
-    def _project(self, layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(self, index: int, layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated queries [batch, time, heads, head_dim], rotated keys and values [batch, time, kv_heads, head_dim]."""
         attention = layer.self_attn
         batch, time, _ = hidden.shape
-        queries = attention.q_proj(hidden).view(batch, time, self.num_heads, self.head_dim)
-        keys = attention.k_proj(hidden).view(batch, time, self.num_kv_heads, self.head_dim)
-        values = attention.v_proj(hidden).view(batch, time, self.num_kv_heads, self.head_dim)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        if self.fused:
+            qkv = F.linear(hidden, self.qkv_weights[index], self.qkv_biases[index]).view(batch, time, heads + 2 * kv_heads, self.head_dim)
+            queries_keys, values = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads :]
+        else:
+            queries_keys = torch.cat([
+                attention.q_proj(hidden).view(batch, time, heads, self.head_dim),
+                attention.k_proj(hidden).view(batch, time, kv_heads, self.head_dim),
+            ], dim=2)
+            values = attention.v_proj(hidden).view(batch, time, kv_heads, self.head_dim)
         if hasattr(attention, "q_norm"):  # Qwen3: RMS norm of each head's query and key
-            queries, keys = attention.q_norm(queries), attention.k_norm(keys)
-        queries, keys, values = (x.transpose(1, 2) for x in (queries, keys, values))
-        cos, sin = cos[:, None], sin[:, None]
-        return rotate(queries, cos, sin), rotate(keys, cos, sin), values
+            queries_keys = torch.cat([rms_norm(attention.q_norm, queries_keys[:, :, :heads]),
+                                      rms_norm(attention.k_norm, queries_keys[:, :, heads:])], dim=2)
+        queries_keys = rotate(queries_keys, cos[:, :, None], sin[:, :, None])  # queries and keys in one pass
+        return queries_keys[:, :, :heads], queries_keys[:, :, heads:], values
 
     def _scale(self, layer: nn.Module) -> float:
         return getattr(layer.self_attn, "scaling", self.head_dim**-0.5)
 
     def _prefill_attention(self, index: int, layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        queries, keys, values = self._project(layer, hidden, cos, sin)
+        queries, keys, values = (x.transpose(1, 2) for x in self._project(index, layer, hidden, cos, sin))
         width = hidden.shape[1]
         self.keys[index][:, :, :width] = keys
         self.values[index][:, :, :width] = values
@@ -121,9 +169,9 @@ class StaticCacheDecoder:
         return layer.self_attn.o_proj(out.transpose(1, 2).reshape(hidden.shape[0], width, -1))
 
     def _decode_attention(self, index: int, layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        queries, keys, values = self._project(layer, hidden, cos, sin)
-        self.keys[index].index_copy_(2, self.slot, keys)
-        self.values[index].index_copy_(2, self.slot, values)
+        queries, keys, values = self._project(index, layer, hidden, cos, sin)
+        self.keys[index].index_copy_(2, self.slot, keys.transpose(1, 2))
+        self.values[index].index_copy_(2, self.slot, values.transpose(1, 2))
         # grouped-query attention without repeating the cache: the query heads that share a KV
         # head (consecutive, as Hugging Face orders them) become that head's query rows
         batch = hidden.shape[0]
@@ -135,9 +183,9 @@ class StaticCacheDecoder:
     def _layers(self, hidden: Tensor, positions: Tensor, attend) -> Tensor:
         cos, sin = self.body.rotary_emb(hidden, positions)
         for index, layer in enumerate(self.layers):
-            hidden = hidden + attend(index, layer, layer.input_layernorm(hidden), cos, sin)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.lm.lm_head(self.body.norm(hidden[:, -1]))
+            hidden = hidden + attend(index, layer, rms_norm(layer.input_layernorm, hidden), cos, sin)
+            hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
+        return self.lm.lm_head(rms_norm(self.body.norm, hidden[:, -1]))
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits [batch, vocab] after each prompt; fills the cache's first ``width`` slots."""
@@ -156,7 +204,9 @@ class StaticCacheDecoder:
 
     def _decode_step(self) -> Tensor:
         self.slot_valid.index_fill_(1, self.slot, True)
-        mask = self.slot_valid[:, None, None, :]
+        # additive, built once per step for every layer (a boolean mask is converted in each call)
+        mask = torch.zeros(self.slot_valid.shape, dtype=self.dtype, device=self.device)
+        mask = mask.masked_fill_(~self.slot_valid, float("-inf"))[:, None, None, :]
         hidden = self.body.embed_tokens(self.tokens[:, None])
         return self._layers(
             hidden, self.positions[:, None],

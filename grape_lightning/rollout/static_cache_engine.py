@@ -81,6 +81,8 @@ class StaticCacheEngine:
                     self._graph_pool = torch.cuda.graph_pool_handle()
                 decoder.capture(self._graph_pool)
             self._decoders[key] = decoder
+        else:
+            decoder.refresh_weights()  # an optimizer step changed the weights in place since the last call
         self._decoders.move_to_end(key)
         return decoder
 
