@@ -1,13 +1,15 @@
 """Two CPU processes under DDP (gloo) optimise the loss of the global batch: GRPO and DPO take the
 same steps, with the same logged losses, as one process whose batch is both ranks' batches
-together, and both ranks end with identical weights.
+together, and both ranks end with identical weights. The same holds for GRPO and SFT sharded
+with FSDP2 (Lightning's ``ModelParallelStrategy``; ``FSDPStrategy`` does not run on CPU), with
+generation gathering the parameters once (no rank waits for another that stopped decoding).
 
 GRPO samples: to compare updates, every setup samples the same global rollout (the generator
 seeded by the step alone, all prompts of the step) and each rank trains on its share of whole
 groups. The setup makes the per-rank and global normalisations differ: token aggregation over
 responses of unequal lengths, unscorable rewards on some rows, reward scaling by the batch std.
 
-Run by the tests as ``python -m tests.test_ddp_equivalence <grpo|dpo> <devices> <out_dir>``.
+Run by the tests as ``python -m tests.test_ddp_equivalence <grpo|dpo|sft> <devices> <out_dir> <ddp|fsdp2>``.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ STEPS = 3
 
 
 def _setup(algorithm: str, devices: int):
-    from grape_lightning.algorithms import DPOModule, GRPOModule, OptimizerConfig
+    from grape_lightning.algorithms import DPOModule, GRPOModule, OptimizerConfig, SFTModule
     from grape_lightning.algorithms.on_policy import derive_seed
-    from grape_lightning.data import PreferenceDataModule
+    from grape_lightning.data import PreferenceDataModule, SFTDataModule
     from grape_lightning.data.tasks import ArithmeticTask
     from grape_lightning.rewards import RewardFunction
     from grape_lightning.rollout import RolloutDataModule, SamplingParams
@@ -40,6 +42,9 @@ def _setup(algorithm: str, devices: int):
 
     spec = tiny_spec(dtype="float64")
     optimizer = OptimizerConfig(lr=1e-2)
+    if algorithm == "sft":
+        module = SFTModule(spec, optimizer=optimizer)
+        return module, SFTDataModule(task=ArithmeticTask(num_train=96, num_val=4), max_length=16, batch_size=8 // devices)
     if algorithm == "dpo":
         module = DPOModule(spec, optimizer=optimizer, beta=0.5, sft_weight=0.5)  # NLL: a token mean over ranks
         data = PreferenceDataModule(task=ArithmeticTask(num_train=96, num_val=4), max_length=24, batch_size=8 // devices)
@@ -101,35 +106,44 @@ class RecordLosses(L.Callback):
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
     def on_train_end(self, trainer, module) -> None:
-        state = {name: tensor.detach().clone() for name, tensor in module.policy.state_dict().items()}
+        state = {  # full tensors also under FSDP2 (a collective: every rank gathers)
+            name: (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
+            for name, tensor in module.policy.state_dict().items()
+        }
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
         torch.save({"losses": self.losses, "policy": state, "metrics": metrics}, self.out / f"rank{trainer.global_rank}.pt")
 
 
-def main(algorithm: str, devices: int, out: str) -> None:
+def main(algorithm: str, devices: int, out: str, strategy: str) -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
     L.seed_everything(0)
     module, data = _setup(algorithm, devices)
+    if devices == 1:
+        strategy = "auto"
+    elif strategy == "fsdp2":
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=STEPS,
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[RecordLosses(Path(out))],
     )
     trainer.fit(module, data)
 
 
-def _run(algorithm: str, devices: int, out: Path) -> list[dict]:
+def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list[dict]:
     out.mkdir(parents=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "tests.test_ddp_equivalence", algorithm, str(devices), str(out)]
+    command = [sys.executable, "-m", "tests.test_ddp_equivalence", algorithm, str(devices), str(out), strategy]
     result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return [torch.load(out / f"rank{rank}.pt") for rank in range(devices)]
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dpo"])
-def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorithm, tmp_path):
+@pytest.mark.parametrize("algorithm, strategy", [("grpo", "ddp"), ("dpo", "ddp"), ("grpo", "fsdp2"), ("sft", "fsdp2")])
+def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorithm, strategy, tmp_path):
     (single,) = _run(algorithm, 1, tmp_path / "single")
-    ranks = _run(algorithm, 2, tmp_path / "ddp")
+    ranks = _run(algorithm, 2, tmp_path / strategy, strategy)
     for name, tensor in ranks[0]["policy"].items():
         assert torch.equal(tensor, ranks[1]["policy"][name]), name  # bit-identical across ranks
     assert ranks[0]["losses"] == ranks[1]["losses"]
@@ -137,13 +151,14 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
     loss_gap = float((losses[0] - losses[1]).abs().max())
     weight_gap = max(float((single["policy"][n] - t).abs().max()) for n, t in ranks[0]["policy"].items())
     moved = max(float((single["policy"][n] - t).abs().max()) for n, t in _initial_policy().items())
-    print(f"\n{algorithm}: losses 1 process {single['losses']} / 2 processes {ranks[0]['losses']}; "
+    print(f"\n{algorithm} / {strategy}: losses 1 process {single['losses']} / 2 processes {ranks[0]['losses']}; "
           f"max loss gap {loss_gap:.2e}, max weight gap {weight_gap:.2e} (weights moved up to {moved:.2e})")
     assert len(single["losses"]) == STEPS
     assert loss_gap < 1e-10
     assert weight_gap < 1e-10
     assert moved > 1e-3
-    for name in ("train/rewards/accuracies", "train/rewards/margins", "train/sft_nll") if algorithm == "dpo" else ("train/kl", "train/policy_loss"):
+    checked = {"dpo": ("train/rewards/accuracies", "train/rewards/margins", "train/sft_nll"), "grpo": ("train/kl", "train/policy_loss")}
+    for name in checked.get(algorithm, ()):
         assert abs(single["metrics"][name] - ranks[0]["metrics"][name]) < 1e-10, name
 
 
@@ -156,4 +171,4 @@ def _initial_policy() -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])

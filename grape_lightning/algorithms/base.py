@@ -8,10 +8,11 @@ import types
 from typing import Any
 
 import lightning as L
-from torch import Tensor
+from torch import Tensor, nn
 
 from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer
 from grape_lightning.models.policy_mixin import PolicyModelsMixin
+from grape_lightning.models.sharding import shard_causal_lm, shard_value_model
 
 
 def as_dataclass(value: Any, cls: type) -> Any:
@@ -82,6 +83,23 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
         a loss normalised by a global count is multiplied by it, so the average is the gradient
         of the global-batch loss."""
         return self.trainer.world_size if self._trainer is not None else 1
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``: shard the
+        policy, the reference and the value model with FSDP2 (:mod:`grape_lightning.models.sharding`).
+        Other strategies leave the models as they are."""
+        mesh = self._device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("grape_lightning has no tensor-parallel plans: use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)")
+        data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        shard_causal_lm(self.policy, data_parallel)
+        if isinstance(self.reference, nn.Module):
+            shard_causal_lm(self.reference, data_parallel)
+        if self.value_model is not None:
+            shard_value_model(self.value_model, data_parallel, trunk_sharded=self.value_model.trunk is self.policy.base_model)
+        self._sharded = True
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps the schedule spans (the Trainer's estimate unless a subclass knows better)."""

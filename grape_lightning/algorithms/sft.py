@@ -33,11 +33,15 @@ class SFTModule(PolicyModule):
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         token = self.policy_logprobs(batch, chunk_size=self.logprob_chunk_size, with_top1=True)
-        loss, metrics = sft_loss(token.logprobs, batch["response_mask"])
-        num_tokens = int(metrics["num_response_tokens"])
-        correct = (token.top1 & batch["response_mask"].bool()).sum()
+        mask = batch["response_mask"].bool()
+        # The token mean of the global batch: sums over every rank's tokens (one all-reduce); each
+        # rank's loss is normalised by the global count times the processes, whose gradient
+        # average the strategy takes.
+        summed = torch.stack([-(token.logprobs.detach() * mask).sum(), (token.top1 & mask).sum(), mask.sum()]).double()
+        nll, correct, num_tokens = self.sum_across_processes(summed).tolist()
+        loss, _ = sft_loss(token.logprobs, mask, num_tokens=num_tokens / self.data_parallel_size)
         # Weighted by response tokens, so epoch values are exact token means across batches.
-        log_stage(self, stage, {"loss": loss.detach(), "token_accuracy": correct.float() / max(num_tokens, 1)}, num_tokens)
+        log_stage(self, stage, {"loss": nll / max(num_tokens, 1.0), "token_accuracy": correct / max(num_tokens, 1.0)}, int(num_tokens))
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

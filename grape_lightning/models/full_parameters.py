@@ -15,6 +15,9 @@ and lets the forward passes inside run on them with no collective:
   hook. Policies split into nested FSDP units (an ``auto_wrap_policy``) gather and free each
   unit on every forward, so decoding under them is refused with an explanation instead of risking
   a hang.
+- FSDP2 (``ModelParallelStrategy``, :mod:`grape_lightning.models.sharding`): every unit of the
+  target is unsharded (in module order, the same on every rank) and kept unsharded across forward
+  passes; resharded at the end of the block.
 - DeepSpeed ZeRO-3: ``GatheredParameters`` over all parameters, with the ZeRO-3 module hooks
   (which fetch and release parameters around every submodule's forward) removed for the block and
   registered again after it.
@@ -90,16 +93,40 @@ def _zero3_full_parameters(engine, target: nn.Module, forward: bool) -> Iterator
 
 
 @contextmanager
+def _fsdp2_full_parameters(units: list[nn.Module], forward: bool) -> Iterator[None]:
+    def reshards(unit: nn.Module) -> bool:
+        group = unit._get_fsdp_state()._fsdp_param_group
+        return group is not None and group.post_forward_mesh_info is not None
+
+    after_forward = [reshards(unit) for unit in units]
+    for unit in units:
+        unit.unshard()  # an all-gather per unit, in the same order on every rank
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit, reshard in zip(units, after_forward):
+            unit.set_reshard_after_forward(reshard, recurse=False)
+            unit.reshard()
+
+
+@contextmanager
 def full_parameters(module: L.LightningModule, target: nn.Module, forward: bool = True) -> Iterator[nn.Module]:
     """``target`` (``module`` or a submodule, e.g. the policy) with its full parameters, for forward
     passes without collectives inside the block (``forward=False``: only to read them, e.g. to
     export). Every rank must enter it, in the same order (it may gather)."""
-    if module._trainer is None:
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in target.modules() if isinstance(m, FSDPModule)]
+    if not units and module._trainer is None:
         yield target
         return
-    root = _fsdp_root(module)
-    engine = _zero3_engine(module) if root is None else None
-    if root is not None:
+    root = _fsdp_root(module) if not units else None
+    engine = _zero3_engine(module) if root is None and not units else None
+    if units:
+        with _fsdp2_full_parameters(units, forward):
+            yield target
+    elif root is not None:
         with _fsdp_full_parameters(root, target, forward):
             yield target
     elif engine is not None:

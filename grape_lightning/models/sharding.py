@@ -1,0 +1,53 @@
+"""FSDP2 (``fully_shard``) for Lightning's ``ModelParallelStrategy``: the units each model is sharded in.
+
+Lightning's ``FSDPStrategy`` (FSDP1) wraps the whole LightningModule as one root unit and runs
+``training_step`` inside that unit's forward; a backward inside the step (manual optimisation:
+every on-policy algorithm) then meets the root in its forward state and fails. FSDP2 has no such
+root: hooks sit on the sharded submodules, so forward and backward may interleave freely.
+
+Units, chosen for how the algorithms call the models (the trunk, ``model.base_model``, and the
+LM head, ``model.get_output_embeddings()``, are called separately to compute log-probs without
+[batch, time, vocab] logits): every decoder layer; the trunk (embeddings and final norm); the LM
+head when it is not tied to the embeddings (tied, the trunk keeps its parameters gathered from
+its forward until its backward, so the head can use them); a value head. Parameters left in no
+unit would be neither sharded nor synchronised, so every model gets all of its trained
+parameters into units.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _decoder_layers(trunk: nn.Module) -> list[nn.Module]:
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(trunk, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return list(layers)
+    raise ValueError(f"no decoder layer list found in {type(trunk).__name__} (looked for .layers, .h, .blocks)")
+
+
+def shard_causal_lm(model: nn.Module, mesh) -> None:
+    """``fully_shard`` the decoder layers, the trunk and (untied) the LM head of a Hugging Face causal LM."""
+    from torch.distributed.fsdp import fully_shard
+
+    trunk = model.base_model
+    for layer in _decoder_layers(trunk):
+        fully_shard(layer, mesh=mesh)
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    fully_shard(trunk, mesh=mesh, reshard_after_forward=not tied)
+    if head is not None and not tied:
+        fully_shard(head, mesh=mesh)
+
+
+def shard_value_model(value_model: nn.Module, mesh, trunk_sharded: bool) -> None:
+    """The value model's head, and its trunk unless it is the policy's (sharded already)."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not trunk_sharded:
+        trunk = value_model.trunk
+        for layer in _decoder_layers(trunk):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(trunk, mesh=mesh)
+    fully_shard(value_model.head, mesh=mesh)
