@@ -2,11 +2,13 @@
 
     # on a machine with N GPUs: Qwen2.5-0.5B shape (random weights, bf16), char tokenizer
     python scripts/multi_gpu.py --devices 8 --strategies ddp fsdp
-    python scripts/multi_gpu.py --devices 2 --strategies ddp fsdp deepspeed_stage_2 deepspeed_stage_3 --algorithms grpo dpo
+    python scripts/multi_gpu.py --devices 2 --strategies ddp fsdp fsdp2 deepspeed_stage_2 deepspeed_stage_3 --algorithms grpo dpo
     # a quick smoke run on CPU (tiny model, gloo)
     python scripts/multi_gpu.py --tiny --accelerator cpu --devices 2 --strategies ddp
 
-Each (algorithm, strategy) runs in its own process group (a child process, which Lightning's
+Strategies are Lightning's names (``ddp``, ``fsdp``, ``deepspeed_stage_2``, ...) plus ``fsdp2``:
+``ModelParallelStrategy(data_parallel_size=devices x nodes, tensor_parallel_size=1)``, FSDP2 with
+the units of ``grape_lightning.models.sharding``. Each (algorithm, strategy) runs in its own process group (a child process, which Lightning's
 launcher turns into ``--devices`` processes), so a failure or a hang of one cell (``--timeout``)
 does not stop the table. A step is one training batch: for the on-policy algorithms one rollout
 (generation, scoring, reference log-probs and the update), for SFT, DPO and the reward model one
@@ -134,9 +136,14 @@ def worker(options: argparse.Namespace) -> None:
             self._sync(trainer)
             times.append(time.perf_counter() - self.start)
 
+    strategy = options.strategy
+    if strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=options.devices * options.num_nodes, tensor_parallel_size=1)
     trainer = L.Trainer(
         accelerator=options.accelerator, devices=options.devices, num_nodes=options.num_nodes,
-        strategy=options.strategy, precision=options.precision, max_steps=options.steps,
+        strategy=strategy, precision=options.precision, max_steps=options.steps,
         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[StepTimer()], default_root_dir=str(workdir),
     )
@@ -156,6 +163,11 @@ def worker(options: argparse.Namespace) -> None:
         }))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    # Skip interpreter teardown: with some backends a communication thread still running there
+    # aborts the process ("terminate called without an active exception") after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_cell(options: argparse.Namespace, algorithm: str, strategy: str, workdir: Path) -> dict:

@@ -12,6 +12,7 @@ from grape_lightning.algorithms.base import as_dataclass, log_stage, save_plain_
 from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer
 from grape_lightning.losses.bradley_terry import bradley_terry_loss
 from grape_lightning.models.loading import load_sequence_scorer, load_tokenizer
+from grape_lightning.models.sharding import shard_sequence_scorer
 from grape_lightning.models.scores import last_token_scores
 from grape_lightning.models.spec import ModelSpec
 
@@ -61,6 +62,14 @@ class RewardModelModule(L.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2 units (:func:`~grape_lightning.models.sharding.shard_sequence_scorer`)."""
+        if self._device_mesh is None or getattr(self, "_sharded", False):
+            return
+        mesh = self._device_mesh
+        shard_sequence_scorer(self.reward_model, mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh)
+        self._sharded = True
 
     def configure_optimizers(self) -> dict:
         return build_optimizer([self.reward_model], self.optimizer_config, int(self.trainer.estimated_stepping_batches))

@@ -51,3 +51,14 @@ def shard_value_model(value_model: nn.Module, mesh, trunk_sharded: bool) -> None
             fully_shard(layer, mesh=mesh)
         fully_shard(trunk, mesh=mesh)
     fully_shard(value_model.head, mesh=mesh)
+
+
+def shard_sequence_scorer(model: nn.Module, mesh) -> None:
+    """A sequence-classification model (reward model): its decoder layers, trunk and score head."""
+    from torch.distributed.fsdp import fully_shard
+
+    trunk = model.base_model
+    for layer in _decoder_layers(trunk):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(trunk, mesh=mesh)
+    fully_shard(model.score, mesh=mesh)
