@@ -10,12 +10,13 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, tied: bool) -> None:
     import copy
 
     import torch.distributed as dist
@@ -26,10 +27,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     from grape_lightning.models.loading import load_causal_lm, load_tokenizer
     from grape_lightning.models.sharding import shard_causal_lm
     from grape_lightning.rollout import KVCacheEngine, SamplingParams
-    from tests.conftest import tiny_spec
+    from tests.conftest import TINY_CONFIG, tiny_spec
 
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
-    spec = tiny_spec(dtype="float64")
+    spec = tiny_spec(dtype="float64", config={**TINY_CONFIG, "tie_word_embeddings": tied})
     tokenizer = load_tokenizer(spec)
     model = load_causal_lm(spec, tokenizer).eval()
     unsharded = copy.deepcopy(model)
@@ -47,6 +48,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     model.train()
     model(input_ids=generation.input_ids).logits.sum().backward()
     sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
+    sharded &= model.get_output_embeddings().weight is model.get_input_embeddings().weight if tied else True
     torch.save({
         "tokens": generation.input_ids, "expected_tokens": expected.input_ids,
         "gap": float((logits - expected_logits).abs().max()), "sharded": sharded,
@@ -61,9 +63,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_tied_embeddings_are_refused_with_an_explanation():
+    from grape_lightning.models.loading import load_causal_lm, load_tokenizer
+    from grape_lightning.models.sharding import shard_causal_lm
+    from tests.conftest import TINY_CONFIG, tiny_spec
+
+    spec = tiny_spec(config={**TINY_CONFIG, "tie_word_embeddings": True})
+    with pytest.raises(NotImplementedError, match="tied input/output embeddings"):
+        shard_causal_lm(load_causal_lm(spec, load_tokenizer(spec)), mesh=None)
+
+
 def test_ranks_decode_different_lengths_under_fsdp2_without_hanging(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "tests.test_full_parameters", str(_free_port()), str(tmp_path)]
+    command = [sys.executable, "-m", "tests.test_full_parameters", str(_free_port()), str(tmp_path), "0"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)  # a hang fails here
     assert result.returncode == 0, result.stderr[-5000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
@@ -71,10 +83,10 @@ def test_ranks_decode_different_lengths_under_fsdp2_without_hanging(tmp_path):
     for r in ranks:
         assert torch.equal(r["tokens"], r["expected_tokens"])  # greedy decoding as the unsharded model
         assert r["gap"] < 1e-12
-        assert r["sharded"] and r["units"] == 4  # 2 layers, the trunk and the untied LM head
+        assert r["sharded"] and r["units"] == (3 if tied else 4)  # 2 layers, the trunk and the LM head (one unit if tied)
 
 
 if __name__ == "__main__":
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+    mp.spawn(_worker, args=(int(sys.argv[1]), sys.argv[2], bool(int(sys.argv[3]))), nprocs=2)

@@ -8,10 +8,11 @@ root: hooks sit on the sharded submodules, so forward and backward may interleav
 Units, chosen for how the algorithms call the models (the trunk, ``model.base_model``, and the
 LM head, ``model.get_output_embeddings()``, are called separately to compute log-probs without
 [batch, time, vocab] logits): every decoder layer; the trunk (embeddings and final norm); the LM
-head when it is not tied to the embeddings (tied, the trunk keeps its parameters gathered from
-its forward until its backward, so the head can use them); a value head. Parameters left in no
-unit would be neither sharded nor synchronised, so every model gets all of its trained
-parameters into units.
+head, which stays gathered from its first forward to the backward, so that calls over further
+chunks of response tokens (a number that differs between ranks) gather nothing; a value head.
+Parameters left in no unit would be neither sharded nor synchronised, so every trained parameter
+goes into a unit. Tied input and output embeddings would need the trunk and the head in one unit
+whose forward the log-prob code never calls; they are refused (use DDP, FSDP1 or DeepSpeed).
 """
 
 from __future__ import annotations
@@ -32,13 +33,17 @@ def shard_causal_lm(model: nn.Module, mesh) -> None:
     from torch.distributed.fsdp import fully_shard
 
     trunk = model.base_model
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        raise NotImplementedError(
+            f"FSDP2 sharding of {type(model).__name__} with tied input/output embeddings is not supported "
+            "(the trunk and the LM head are called separately); use strategy ddp, fsdp or deepspeed"
+        )
     for layer in _decoder_layers(trunk):
         fully_shard(layer, mesh=mesh)
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
-    fully_shard(trunk, mesh=mesh, reshard_after_forward=not tied)
-    if head is not None and not tied:
-        fully_shard(head, mesh=mesh)
+    fully_shard(trunk, mesh=mesh)
+    if head is not None:
+        fully_shard(head, mesh=mesh, reshard_after_forward=False)
 
 
 def shard_value_model(value_model: nn.Module, mesh, trunk_sharded: bool) -> None:
