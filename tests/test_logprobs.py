@@ -69,6 +69,28 @@ def test_gradients_match_naive(model64):
     model64.zero_grad()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_and_logprob_gradients_match_naive(model64, temperature):
+    """An entropy bonus differentiates through the entropy: its gradient, with the log-probs', is exact."""
+    input_ids, attention_mask, response_mask = _random_batch(model64.config.vocab_size, seed=4)
+    mask = response_mask.clone()
+    mask[:, 0] = False
+    generator = torch.Generator().manual_seed(0)
+    logprob_weights = torch.randn(input_ids.shape, dtype=torch.float64, generator=generator)
+    entropy_weights = torch.randn(input_ids.shape, dtype=torch.float64, generator=generator)
+
+    model64.zero_grad()
+    out = response_logprobs(model64, input_ids, response_mask, attention_mask, temperature=temperature, chunk_size=6, with_entropy=True)
+    (out.logprobs * logprob_weights + out.entropy * entropy_weights).sum().backward()
+    chunked = [p.grad.clone() for p in model64.parameters()]
+    model64.zero_grad()
+    logp, entropy, _ = _naive(model64, input_ids, attention_mask, temperature)
+    (torch.where(mask, logp, 0.0) * logprob_weights + torch.where(mask, entropy, 0.0) * entropy_weights).sum().backward()
+    for ours, reference in zip(chunked, (p.grad for p in model64.parameters())):
+        torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-11)
+    model64.zero_grad()
+
+
 def test_packed_rows_equal_separate_sequences(model64):
     """Positions restarting at 0 and no attention mask keep each packed sequence independent."""
     generator = torch.Generator().manual_seed(5)

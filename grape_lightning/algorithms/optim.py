@@ -47,8 +47,11 @@ def build_optimizer(modules: list[nn.Module], config: OptimizerConfig, total_ste
             seen.add(id(parameter))
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    trained = decay + no_decay
+    # one fused kernel for the whole update where every parameter is a plain CUDA tensor
+    fused = bool(trained) and all(p.is_cuda and type(p.data) is torch.Tensor for p in trained)
     optimizer = torch.optim.AdamW(
-        [group for group in groups if group["params"]], lr=config.lr, betas=config.betas, eps=config.eps
+        [group for group in groups if group["params"]], lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, config))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -45,6 +45,84 @@ def _head_statistics(
     return target_logits - log_normaliser, entropy, top1
 
 
+class LinearHeadLogprobs(torch.autograd.Function):
+    """For rows h_i of hidden states, a linear head W and targets y_i, with z_i = W h_i / T:
+
+        l_i = z_i[y_i] - logsumexp(z_i)          H_i = -sum_v p_iv log p_iv,  p_i = softmax(z_i)
+
+    a chunk of rows at a time, keeping no logits: the forward saves only logsumexp(z_i) (and H_i);
+    the backward recomputes each chunk's logits once and writes the gradient with respect to them
+    directly,
+
+        dl_i/dz_i = onehot(y_i) - p_i           dH_i/dz_i = -p_i (log p_i + H_i),
+
+    so one matrix product is recomputed per chunk (autograd with activation checkpointing would
+    rerun the whole forward of the chunk and then differentiate every elementwise step of it).
+    Returns (log-probs, entropies or an empty tensor, top-1 flags or an empty tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy, with_top1):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        rows = hidden.shape[0]
+        logprobs = hidden.new_empty(rows, dtype=dtype)
+        log_normalisers = hidden.new_empty(rows, dtype=dtype)
+        entropy = hidden.new_empty(rows if with_entropy else 0, dtype=dtype)
+        top1 = torch.empty(rows if with_top1 else 0, dtype=torch.bool, device=hidden.device)
+        for start in range(0, rows, chunk_size):
+            chunk = slice(start, start + chunk_size)
+            logits = (hidden[chunk] @ weight.t()).to(dtype) / temperature
+            log_normaliser = torch.logsumexp(logits, dim=-1)
+            target_logits = logits.gather(-1, targets[chunk, None]).squeeze(-1)
+            logprobs[chunk] = target_logits - log_normaliser
+            log_normalisers[chunk] = log_normaliser
+            if with_entropy:
+                entropy[chunk] = log_normaliser - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+            if with_top1:
+                top1[chunk] = target_logits >= logits.max(dim=-1).values
+        ctx.save_for_backward(hidden, weight, targets, log_normalisers, entropy)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(top1)
+        return logprobs, entropy, top1
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_top1):  # type: ignore[override]
+        hidden, weight, targets, log_normalisers, entropy = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        if grad_logprobs is None and (grad_entropy is None or entropy.numel() == 0):
+            return grad_hidden, grad_weight, None, None, None, None, None
+        dtype = log_normalisers.dtype
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            chunk = slice(start, start + ctx.chunk_size)
+            logits = (hidden[chunk] @ weight.t()).to(dtype) / ctx.temperature
+            log_probs = logits - log_normalisers[chunk, None]
+            probs = log_probs.exp()
+            grad_logits = torch.zeros_like(logits)
+            if grad_entropy is not None and entropy.numel():
+                grad_logits -= grad_entropy[chunk, None] * probs * (log_probs + entropy[chunk, None])
+            if grad_logprobs is not None:
+                grad_logits -= grad_logprobs[chunk, None] * probs
+                grad_logits.scatter_add_(-1, targets[chunk, None], grad_logprobs[chunk, None])
+            grad_logits = (grad_logits / ctx.temperature).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[chunk] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ hidden[chunk]
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _plain_linear_head(head: nn.Module) -> bool:
+    """A bias-free linear head holding its whole weight (not an adapter, not a parameter shard)."""
+    weight = getattr(head, "weight", None)
+    return (
+        type(head) is nn.Linear and head.bias is None and weight is not None
+        and tuple(weight.shape) == (head.out_features, head.in_features)
+        and type(weight) in (torch.Tensor, nn.Parameter)
+    )
+
+
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
     """Position of each token among the real tokens of its row (padding gets 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -94,6 +172,17 @@ def response_logprobs(
     head = model.get_output_embeddings()
     softcap = final_logit_softcap(model)
 
+    if softcap is None and _plain_linear_head(head):
+        logprob_rows, entropy_rows, top1_rows = LinearHeadLogprobs.apply(
+            hidden_rows, head.weight, target_rows, temperature, chunk_size, with_entropy, with_top1
+        )
+        return TokenLogprobs(
+            logprobs=_scatter_rows(logprob_rows, scored),
+            entropy=_scatter_rows(entropy_rows, scored) if with_entropy else None,
+            top1=_scatter_rows(top1_rows, scored) if with_top1 else None,
+        )
+
+    # any other head (soft-capped logits, an adapter, a sharded weight): checkpointed chunks
     pieces = []
     for start in range(0, hidden_rows.shape[0], chunk_size):
         args = (hidden_rows[start : start + chunk_size], target_rows[start : start + chunk_size], head, temperature, softcap)
@@ -108,12 +197,14 @@ def response_logprobs(
         logprob_rows = entropy_rows = hidden_rows.new_zeros(0, dtype=dtype)
         top1_rows = torch.zeros(0, dtype=torch.bool, device=hidden.device)
 
-    def scatter(rows: Tensor) -> Tensor:
-        shifted = rows.new_zeros(scored.shape).masked_scatter(scored, rows)
-        return torch.cat([rows.new_zeros(scored.shape[0], 1), shifted], dim=1)
-
     return TokenLogprobs(
-        logprobs=scatter(logprob_rows),
-        entropy=scatter(entropy_rows) if with_entropy else None,
-        top1=scatter(top1_rows) if with_top1 else None,
+        logprobs=_scatter_rows(logprob_rows, scored),
+        entropy=_scatter_rows(entropy_rows, scored) if with_entropy else None,
+        top1=_scatter_rows(top1_rows, scored) if with_top1 else None,
     )
+
+
+def _scatter_rows(rows: Tensor, scored: Tensor) -> Tensor:
+    """Per-row values back into the [batch, time] layout of ``input_ids`` (zero where not scored)."""
+    shifted = rows.new_zeros(scored.shape).masked_scatter(scored, rows)
+    return torch.cat([rows.new_zeros(scored.shape[0], 1), shifted], dim=1)
