@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--generate-repeats", type=int, default=2, help="runs of plain generate (slow)")
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time the engine with a torch.compile'd decode step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -72,8 +73,16 @@ def main() -> None:
             engine.release()
 
             row = {"shape": shape, "batch": batch, "tokens": tokens, "ours_s": ours_s, "ours_tok_s": tokens / ours_s}
+            if args.compile:
+                compiled = StaticCacheEngine(tokenizer, compile=True)
+                row["compile_first_call_s"] = timed(lambda: compiled.generate(model, prompt_lists, params, generator))[0]
+                compiled_s = median([timed(lambda: compiled.generate(model, prompt_lists, params, generator))[0] for _ in range(args.repeats)])
+                row.update(compiled_s=compiled_s, compiled_tok_s=tokens / compiled_s)
+                compiled.release()
             floor = floor_seconds(model, batch, args.prompt, args.new, bandwidth)
             row.update(floor_s=floor, floor_tok_s=batch * args.new / floor, ours_over_floor=ours_s / floor)
+            if args.compile:
+                row["compiled_over_floor"] = row["compiled_s"] / floor
             if not args.skip_generate:
                 def plain():
                     return model.generate(

@@ -104,6 +104,7 @@ class StaticCacheDecoder:
         self.graph_logits: Tensor | None = None
         self.weights_fingerprint = weights_fingerprint(model)
         self._fuse_projections()
+        self._step = self._decode_step
 
     # -- weights --------------------------------------------------------------------------------
     def refresh_weights(self) -> None:
@@ -219,9 +220,14 @@ class StaticCacheDecoder:
         self.positions.copy_(positions)
         self.slot.fill_(slot)
         if self.graph is None:
-            return self._decode_step()
+            return self._step()
         self.graph.replay()
         return self.graph_logits  # type: ignore[return-value]
+
+    def compile(self) -> None:
+        """Compile the decode step with ``torch.compile`` (elementwise work fused into fewer
+        kernels; the first call of each shape pays the compilation)."""
+        self._step = torch.compile(self._decode_step, dynamic=False)
 
     def capture(self, pool: object | None = None) -> None:
         """Record one decode step as a CUDA graph (before :meth:`prefill`: warming up writes a slot)."""
@@ -229,11 +235,11 @@ class StaticCacheDecoder:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # kernels choose their algorithms and allocate workspaces outside the graph
-                self._decode_step()
+                self._step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.graph_logits = self._decode_step()
+            self.graph_logits = self._step()
 
 
 def weights_fingerprint(model: nn.Module) -> tuple[int, ...]:

@@ -28,6 +28,8 @@ class StaticCacheEngine:
       prompts share one cache shape and one captured graph (the extra padding is masked out).
     - ``cuda_graphs``: on a CUDA device, each decode step is a replay of one recorded graph.
       Graphs and caches of the last ``keep`` shapes are kept (:meth:`release` frees them).
+    - ``compile``: also compile the decode step with ``torch.compile`` (fewer, fused kernels;
+      each new cache shape compiles once, which takes tens of seconds).
     - Finished rows: whether every row has stopped is checked every ``check_every`` steps (each
       check is a host synchronisation); the result is the same for any value.
 
@@ -47,6 +49,7 @@ class StaticCacheEngine:
         check_every: int = 8,
         keep: int = 2,
         off_gpu: Literal["static", "reference"] = "static",
+        compile: bool = False,
     ) -> None:
         if off_gpu not in ("static", "reference"):
             raise ValueError(f"off_gpu must be 'static' or 'reference', got {off_gpu!r}")
@@ -56,6 +59,7 @@ class StaticCacheEngine:
         self.check_every = check_every
         self.keep = keep
         self.off_gpu = off_gpu
+        self.compile = compile
         self.fallback = KVCacheEngine(tokenizer)
         self._decoders: OrderedDict[tuple, StaticCacheDecoder] = OrderedDict()
         self._graph_pool: object | None = None
@@ -76,6 +80,8 @@ class StaticCacheEngine:
             while len(self._decoders) >= self.keep:
                 self._decoders.popitem(last=False)
             decoder = StaticCacheDecoder(model, batch, length)
+            if self.compile:
+                decoder.compile()
             if graphs:
                 if self._graph_pool is None:
                     self._graph_pool = torch.cuda.graph_pool_handle()
