@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"])
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
     parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--precision", default=None, help="default: bf16-mixed on GPU with the full-size model, 32 otherwise")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision; the full-size model is built in bf16 either way")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and batches: a CPU smoke run")
     parser.add_argument("--steps", type=int, default=None, help="training batches per cell (default 8, tiny 4)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -210,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     options.steps = options.steps or (4 if options.tiny else 8)
-    options.precision = options.precision or ("32-true" if options.tiny else "bf16-mixed")
     if options.worker:
         worker(options)
         return 0
