@@ -208,13 +208,24 @@ def moments_std(moments: Tensor) -> float:
     return std if std > 0 else 1.0
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
-    """1 - Var[R - V] / Var[R] over the masked entries: 1 for a perfect value model, 0 for one that
-    predicts the mean, negative for a worse one (0 when the returns do not vary)."""
-    mask = mask.bool()
-    target = returns[mask].double()
-    residual = target - values[mask].double()
-    variance = target.var(unbiased=False) if target.numel() > 1 else target.new_zeros(())
-    if float(variance) == 0.0:
+def masked_mean_std(values: Tensor, mask: Tensor, sum_across: Callable[[Tensor], Tensor] = lambda x: x) -> tuple[float, float]:
+    """Mean and (population) standard deviation of the masked entries of every process; the
+    mean is reduced first, so the variance has no cancellation error. (0, 0) for no entries."""
+    selected = values[mask.bool()].double()
+    totals = sum_across(torch.stack([selected.sum(), selected.new_tensor(float(selected.numel()))]))
+    count = float(totals[1])
+    if count == 0:
+        return 0.0, 0.0
+    mean = totals[0] / count
+    variance = sum_across(((selected - mean) ** 2).sum()) / count
+    return float(mean), float(variance.sqrt())
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, sum_across: Callable[[Tensor], Tensor] = lambda x: x) -> float:
+    """1 - Var[R - V] / Var[R] over the masked entries of every process: 1 for a perfect value
+    model, 0 for one that predicts the mean, negative for a worse one (0 when the returns do not vary)."""
+    _, target_std = masked_mean_std(returns, mask, sum_across)
+    _, residual_std = masked_mean_std(returns.double() - values.double(), mask, sum_across)
+    if target_std == 0.0:
         return 0.0
-    return float(1.0 - residual.var(unbiased=False) / variance)
+    return 1.0 - residual_std**2 / target_std**2

@@ -9,7 +9,10 @@ seeded by the step alone, all prompts of the step) and each rank trains on its s
 groups. The setup makes the per-rank and global normalisations differ: token aggregation over
 responses of unequal lengths, unscorable rewards on some rows, reward scaling by the batch std.
 
-Run by the tests as ``python -m tests.test_ddp_equivalence <grpo|dpo|sft> <devices> <out_dir> <ddp|fsdp2>``.
+PPO (under DDP) adds global statistics of its own: reward scaling by the batch std, advantage
+whitening, the adaptive KL coefficient, and a value model whose state is compared too.
+
+Run by the tests as ``python -m tests.test_ddp_equivalence <grpo|dpo|ppo|sft> <devices> <out_dir> <ddp|fsdp2>``.
 """
 
 from __future__ import annotations
@@ -56,7 +59,9 @@ def _setup(algorithm: str, devices: int):
         def __call__(self, prompts, responses, metadata):
             return [None if i % 5 == 0 else float(len(r) % 2) for i, r in enumerate(responses)]
 
-    class SameGlobalRollout(GRPOModule):
+    from grape_lightning.algorithms.ppo import PPOModule
+
+    class SameGlobalRollout(PPOModule if algorithm == "ppo" else GRPOModule):
         """Samples the step's global rollout (the same in every setup); trains on this rank's groups."""
 
         def setup(self, stage: str) -> None:
@@ -74,10 +79,17 @@ def _setup(algorithm: str, devices: int):
             rows = (rollout.groups % world == rank).nonzero().flatten()
             return _select(rollout, rows, renumber=lambda groups: groups // world)
 
-    module = SameGlobalRollout(
-        spec, rewards=[LengthParityWithGaps()], sampling=SamplingParams(max_new_tokens=6), optimizer=optimizer,
-        beta=0.1, aggregation="token", reward_scaling="batch", micro_batch_size=4, max_grad_norm=0.5,
-    )
+    if algorithm == "ppo":  # batch reward scaling, whitened advantages, adaptive KL: all global statistics
+        module = SameGlobalRollout(
+            spec, rewards=[LengthParityWithGaps()], sampling=SamplingParams(max_new_tokens=6), optimizer=optimizer,
+            value_model="separate", kl_coef=0.1, kl_target=0.5, reward_scaling="batch", aggregation="token",
+            epochs=1, micro_batch_size=4, max_grad_norm=0.5,
+        )
+    else:
+        module = SameGlobalRollout(
+            spec, rewards=[LengthParityWithGaps()], sampling=SamplingParams(max_new_tokens=6), optimizer=optimizer,
+            beta=0.1, aggregation="token", reward_scaling="batch", micro_batch_size=4, max_grad_norm=0.5,
+        )
     data = RolloutDataModule(task=ArithmeticTask(num_train=64, num_val=4), group_size=GROUP_SIZE, batch_size=4)
     return module, data
 
@@ -97,18 +109,23 @@ def _select(rollout, rows, renumber):
     return type(rollout)(**fields)
 
 
+def algorithm_of(module) -> str:
+    return "ppo" if hasattr(module, "value_model") and module.value_model is not None else "other"
+
+
 class RecordLosses(L.Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer, module, *args) -> None:
-        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+        metrics = trainer.callback_metrics
+        self.losses.append(float(metrics["train/loss"] if "train/loss" in metrics else metrics["train/policy_loss"] + metrics["train/value_loss"]))
 
     def on_train_end(self, trainer, module) -> None:
         state = {  # full tensors also under FSDP2 (a collective: every rank gathers)
             name: (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
-            for name, tensor in module.policy.state_dict().items()
+            for name, tensor in (module.state_dict() if algorithm_of(module) == "ppo" else module.policy.state_dict()).items()
         }
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
         torch.save({"losses": self.losses, "policy": state, "metrics": metrics}, self.out / f"rank{trainer.global_rank}.pt")
@@ -140,7 +157,7 @@ def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list
     return [torch.load(out / f"rank{rank}.pt") for rank in range(devices)]
 
 
-@pytest.mark.parametrize("algorithm, strategy", [("grpo", "ddp"), ("dpo", "ddp"), ("grpo", "fsdp2"), ("sft", "fsdp2")])
+@pytest.mark.parametrize("algorithm, strategy", [("grpo", "ddp"), ("dpo", "ddp"), ("ppo", "ddp"), ("grpo", "fsdp2"), ("sft", "fsdp2")])
 def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorithm, strategy, tmp_path):
     (single,) = _run(algorithm, 1, tmp_path / "single")
     ranks = _run(algorithm, 2, tmp_path / strategy, strategy)
@@ -150,14 +167,17 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
     losses = torch.tensor([single["losses"], ranks[0]["losses"]], dtype=torch.float64)
     loss_gap = float((losses[0] - losses[1]).abs().max())
     weight_gap = max(float((single["policy"][n] - t).abs().max()) for n, t in ranks[0]["policy"].items())
-    moved = max(float((single["policy"][n] - t).abs().max()) for n, t in _initial_policy().items())
+    moved = max(float((single["policy"]["policy." * (algorithm == "ppo") + n] - t).abs().max()) for n, t in _initial_policy().items())
     print(f"\n{algorithm} / {strategy}: losses 1 process {single['losses']} / 2 processes {ranks[0]['losses']}; "
           f"max loss gap {loss_gap:.2e}, max weight gap {weight_gap:.2e} (weights moved up to {moved:.2e})")
     assert len(single["losses"]) == STEPS
     assert loss_gap < 1e-10
     assert weight_gap < 1e-10
     assert moved > 1e-3
-    checked = {"dpo": ("train/rewards/accuracies", "train/rewards/margins", "train/sft_nll"), "grpo": ("train/kl", "train/policy_loss")}
+    checked = {
+        "dpo": ("train/rewards/accuracies", "train/rewards/margins", "train/sft_nll"), "grpo": ("train/kl", "train/policy_loss"),
+        "ppo": ("train/kl", "train/kl_coef", "train/reward_scale", "train/advantage_std", "train/value_loss"),
+    }
     for name in checked.get(algorithm, ()):
         assert abs(single["metrics"][name] - ranks[0]["metrics"][name]) < 1e-10, name
 

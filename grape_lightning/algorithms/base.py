@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 from torch import Tensor, nn
 
-from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer
+from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer, fused_optimizer_allowed
 from grape_lightning.models.policy_mixin import PolicyModelsMixin
 from grape_lightning.models.sharding import shard_causal_lm, shard_value_model
 
@@ -107,4 +107,4 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         trained = [self.policy] + ([self.value_model] if self.value_model is not None else [])
-        return build_optimizer(trained, self.optimizer_config, self.total_optimizer_steps())
+        return build_optimizer(trained, self.optimizer_config, self.total_optimizer_steps(), fused=fused_optimizer_allowed(self._trainer))

@@ -36,8 +36,17 @@ def lr_multiplier(step: int, total_steps: int, config: OptimizerConfig) -> float
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
 
 
-def build_optimizer(modules: list[nn.Module], config: OptimizerConfig, total_steps: int) -> dict:
-    """The ``configure_optimizers`` return value for the trainable parameters of ``modules``."""
+def fused_optimizer_allowed(trainer) -> bool:
+    """Lightning's mixed-precision plugins refuse to clip the gradients of a fused optimizer (it
+    unscales them itself), so a fused AdamW is used only under other precisions."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return trainer is None or not isinstance(trainer.precision_plugin, MixedPrecision)
+
+
+def build_optimizer(modules: list[nn.Module], config: OptimizerConfig, total_steps: int, fused: bool = True) -> dict:
+    """The ``configure_optimizers`` return value for the trainable parameters of ``modules``
+    (AdamW, fused into one kernel where ``fused`` and every parameter is a plain CUDA tensor)."""
     seen: set[int] = set()
     decay, no_decay = [], []
     for module in modules:
@@ -49,7 +58,7 @@ def build_optimizer(modules: list[nn.Module], config: OptimizerConfig, total_ste
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     trained = decay + no_decay
     # one fused kernel for the whole update where every parameter is a plain CUDA tensor
-    fused = bool(trained) and all(p.is_cuda and type(p.data) is torch.Tensor for p in trained)
+    fused = fused and bool(trained) and all(p.is_cuda and type(p.data) is torch.Tensor for p in trained)
     optimizer = torch.optim.AdamW(
         [group for group in groups if group["params"]], lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
     )

@@ -12,6 +12,7 @@ from torch import Tensor
 from grape_lightning.advantages import (
     explained_variance,
     gae,
+    masked_mean_std,
     merge_moments,
     moments_std,
     token_rewards,
@@ -94,7 +95,8 @@ class PPOModule(OnPolicyModule):
 
     Sequences whose reward could not be computed are masked out of the advantages, the whitening
     statistics and the loss. Mini-batches are cut from all rows (invalid ones included), so every
-    process takes the same number of optimizer steps under DDP.
+    process takes the same number of optimizer steps under DDP; the loss is the global batch's
+    (normalised by token and sequence counts summed over the processes).
     """
 
     def __init__(
@@ -188,20 +190,16 @@ class PPOModule(OnPolicyModule):
         return values
 
     # -- across processes ------------------------------------------------------------------------
-    def sum_across(self, tensor: Tensor) -> Tensor:
-        """Sum over the processes of a run (the tensor itself in a single process)."""
-        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
-
     def _global_mean(self, total: float, count: float) -> tuple[float, float]:
         """(sum over processes of ``total``) / (sum of ``count``), and that summed count."""
-        total, count = self.sum_across(torch.tensor([total, count], dtype=torch.float64, device=self.device)).tolist()
+        total, count = self.sum_across_processes(torch.tensor([total, count], dtype=torch.float64, device=self.device)).tolist()
         return total / max(count, 1.0), count
 
     def reward_scale(self, rollout: Rollout) -> float:
         """s of ``reward_scaling`` for this batch (``"running"`` first adds the batch to its statistics)."""
         if self.reward_scaling == "none":
             return 1.0
-        batch_moments = update_reward_moments(torch.zeros_like(self.reward_moments), rollout.rewards, rollout.valid, self.sum_across)
+        batch_moments = update_reward_moments(torch.zeros_like(self.reward_moments), rollout.rewards, rollout.valid, self.sum_across_processes)
         if self.reward_scaling == "batch":
             return moments_std(batch_moments)
         self.reward_moments.copy_(merge_moments(self.reward_moments, batch_moments))
@@ -218,7 +216,7 @@ class PPOModule(OnPolicyModule):
         reward_scale = self.reward_scale(rollout)
         rewards = token_rewards(rollout.rewards / reward_scale, token_kl, trained, self.kl_coef)
         raw_advantages, returns = gae(rewards, old_values, trained, self.gamma, self.lam)
-        advantages = whiten_across(raw_advantages, trained, self.sum_across) if self.whiten_advantages else raw_advantages
+        advantages = whiten_across(raw_advantages, trained, self.sum_across_processes) if self.whiten_advantages else raw_advantages
 
         metrics = self.optimise(rollout, advantages, old_values, returns)
 
@@ -226,11 +224,9 @@ class PPOModule(OnPolicyModule):
         metrics.update(kl=sequence_kl, kl_coef=float(self.kl_coef), reward_scale=reward_scale)
         if self.kl_target is not None and rollout.ref_logprobs is not None:
             self.kl_coef.fill_(adaptive_kl_coef(float(self.kl_coef), sequence_kl, self.kl_target, num_valid, self.kl_horizon))
-        metrics["explained_variance"] = explained_variance(old_values, returns, trained)
+        metrics["explained_variance"] = explained_variance(old_values, returns, trained, self.sum_across_processes)
         for name, values in (("advantage", raw_advantages), ("return", returns), ("value", old_values)):
-            selected = values[trained]
-            metrics[f"{name}_mean"] = float(selected.mean()) if selected.numel() else 0.0
-            metrics[f"{name}_std"] = float(selected.std()) if selected.numel() > 1 else 0.0
+            metrics[f"{name}_mean"], metrics[f"{name}_std"] = masked_mean_std(values, trained, self.sum_across_processes)
         self.log_metrics(metrics)
 
     def optimise(self, rollout: Rollout, advantages: Tensor, old_values: Tensor, returns: Tensor) -> dict[str, float]:
@@ -243,9 +239,12 @@ class PPOModule(OnPolicyModule):
         # lazily, so each epoch is shuffled from the step it starts at (as a resumed run would)
         schedule = (index for epoch in range(self.epochs) for index in self.minibatches(rows, self.mini_batch_size, salt=epoch))
         for index in schedule:
-            num_sequences = int(rollout.valid[index].sum())
-            num_tokens = int(trained[index].sum())
-            if self.sum_across(torch.tensor(float(num_tokens), device=self.device)) == 0:
+            # the loss is normalised by the global batch's counts; the strategy averages the ranks'
+            # gradients, so each rank's loss is scaled by their number
+            local = torch.stack([rollout.valid[index].sum(), trained[index].sum()]).double()
+            num_sequences, num_tokens = self.sum_across_processes(local).tolist()
+            local_tokens = float(local[1])
+            if num_tokens == 0:
                 continue  # no trained token in any process: no step (Adam would still move the weights)
             totals = {"policy_loss": 0.0, "value_loss": 0.0, "approx_kl_sum": 0.0}
 
@@ -271,12 +270,13 @@ class PPOModule(OnPolicyModule):
                 totals["value_loss"] += float(metrics.pop("value_loss"))
                 totals["approx_kl_sum"] += float(metrics["approx_kl"]) * micro_tokens
                 means.add(metrics, weight=micro_tokens)
-                return loss
+                return loss * self.data_parallel_size
 
             self.optimizer_step_over(index, micro_loss)
             steps += 1
             approx_kl_sum = totals.pop("approx_kl_sum")
-            means.add(totals)
-            if self.target_kl is not None and self._global_mean(approx_kl_sum, num_tokens)[0] > self.target_kl:
+            loss_terms = self.sum_across_processes(torch.tensor([totals["policy_loss"], totals["value_loss"]], dtype=torch.float64, device=self.device))
+            means.add(dict(zip(("policy_loss", "value_loss"), loss_terms.tolist())))  # each rank held its share of the global loss
+            if self.target_kl is not None and self._global_mean(approx_kl_sum, local_tokens)[0] > self.target_kl:
                 break
         return {**means.means(), "update_steps": float(steps)}

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from grape_lightning.algorithms.base import as_dataclass, log_stage, save_plain_hyperparameters
-from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer
+from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer, fused_optimizer_allowed
 from grape_lightning.losses.bradley_terry import bradley_terry_loss
 from grape_lightning.models.loading import load_sequence_scorer, load_tokenizer
 from grape_lightning.models.sharding import shard_sequence_scorer
@@ -72,7 +72,10 @@ class RewardModelModule(L.LightningModule):
         self._sharded = True
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer([self.reward_model], self.optimizer_config, int(self.trainer.estimated_stepping_batches))
+        return build_optimizer(
+            [self.reward_model], self.optimizer_config, int(self.trainer.estimated_stepping_batches),
+            fused=fused_optimizer_allowed(self._trainer),
+        )
 
     def export_hf(self, directory: str | Path) -> Path:
         """Save the reward model and tokenizer with ``save_pretrained``."""

@@ -33,9 +33,9 @@ class ValueModel(nn.Module):
     def __init__(self, trunk: nn.Module, hidden_size: int) -> None:
         super().__init__()
         self.trunk = trunk
-        self.head = ValueHead(hidden_size)
-        if next(trunk.parameters()).dtype == torch.float64:
-            self.head.double()  # float64 values from a float64 trunk; float32 from any other
+        # in the trunk's dtype: sharded training (FSDP) needs one dtype per unit, and bf16-true
+        # precision converts the head anyway; the values are returned in float32 (float64)
+        self.head = ValueHead(hidden_size).to(next(trunk.parameters()).dtype)
 
     @classmethod
     def from_sequence_scorer(cls, scorer: nn.Module) -> ValueModel:
