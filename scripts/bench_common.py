@@ -203,3 +203,22 @@ def save_benchmark_model(shape: str, directory: Path, dtype: str = "bfloat16") -
     model.save_pretrained(directory / "model")
     tokenizer.save_pretrained(directory / "tokenizer")
     return ModelSpec(name_or_path=str(directory / "model"), tokenizer=str(directory / "tokenizer"), dtype=dtype, attn_implementation="sdpa")
+
+
+def hf_step_timer():
+    """A ``transformers`` callback recording the seconds of each optimizer step, device synchronised."""
+    from transformers import TrainerCallback
+
+    class HFStepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, *_, **__) -> None:
+            synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__) -> None:
+            synchronize()
+            self.seconds.append(time.perf_counter() - self.start)
+
+    return HFStepTimer()

@@ -16,7 +16,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_common import build_model, measured_bandwidth, median, peak_memory_gib, reset_peak_memory, timed, weight_bytes, write_report
+from bench_common import (
+    build_model,
+    measured_bandwidth,
+    median,
+    peak_memory_gib,
+    reset_peak_memory,
+    timed,
+    weight_bytes,
+    write_report,
+)
 
 from grape_lightning.models.logprobs import response_logprobs
 from grape_lightning.rollout.sampling import SamplingParams
@@ -98,7 +107,7 @@ def main() -> None:
             row.update(ours_peak_gib=ours_peak, max_logprob_error=logprob_error)
             rows.append(row)
             print(row, flush=True)
-        del model, engine
+        engine.release()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     write_report("generation", rows, {"bandwidth_bytes_per_s": bandwidth, "prompt": args.prompt, "new_tokens": args.new})
 

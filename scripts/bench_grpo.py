@@ -23,7 +23,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from bench_common import QWEN25_SHAPES, median, peak_memory_gib, random_text, reset_peak_memory, save_benchmark_model, synchronize, write_report
+from bench_common import (
+    QWEN25_SHAPES,
+    hf_step_timer,
+    median,
+    peak_memory_gib,
+    random_text,
+    reset_peak_memory,
+    save_benchmark_model,
+    synchronize,
+    write_report,
+)
 
 from grape_lightning.algorithms import GRPOModule, OptimizerConfig
 from grape_lightning.rewards import RewardFunction
@@ -105,20 +115,8 @@ def ours(spec, prompt_file: Path, args) -> dict:
 
 def trl_peer(spec, prompts: list[str], args) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
-
-    class HFStepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-
-        def on_step_begin(self, *_, **__) -> None:
-            synchronize()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *_, **__) -> None:
-            synchronize()
-            self.seconds.append(time.perf_counter() - self.start)
 
     def even_words(completions, **kwargs):
         return [even_share(completion) for completion in completions]
@@ -134,7 +132,7 @@ def trl_peer(spec, prompts: list[str], args) -> dict:
         num_generations=args.group, max_completion_length=args.new, temperature=1.0, beta=0.0,
         logging_steps=10_000, save_strategy="no", report_to="none", dataloader_num_workers=0, lr_scheduler_type="constant",
     )
-    timer = HFStepTimer()
+    timer = hf_step_timer()
     trainer = GRPOTrainer(model=model, reward_funcs=[even_words], args=config,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tokenizer,
                           callbacks=[timer])

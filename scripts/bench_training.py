@@ -24,8 +24,17 @@ from pathlib import Path
 import lightning as L
 import torch
 from bench_common import (
-    QWEN25_SHAPES, median, peak_flops, peak_memory_gib, random_text, reset_peak_memory, save_benchmark_model,
-    synchronize, training_flops_per_token, write_report,
+    QWEN25_SHAPES,
+    hf_step_timer,
+    median,
+    peak_flops,
+    peak_memory_gib,
+    random_text,
+    reset_peak_memory,
+    save_benchmark_model,
+    synchronize,
+    training_flops_per_token,
+    write_report,
 )
 
 from grape_lightning.algorithms import DPOModule, OptimizerConfig, SFTModule
@@ -86,20 +95,8 @@ def ours(kind: str, spec, data_file: Path, args) -> dict:
 
 def trl_peer(kind: str, spec, rows: list[dict], args) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-
-    class HFStepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-
-        def on_step_begin(self, *_, **__) -> None:
-            synchronize()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *_, **__) -> None:
-            synchronize()
-            self.seconds.append(time.perf_counter() - self.start)
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, tokenizer_class="PreTrainedTokenizerFast")
@@ -109,7 +106,7 @@ def trl_peer(kind: str, spec, rows: list[dict], args) -> dict:
         bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, logging_steps=10_000, save_strategy="no", report_to="none",
         dataloader_num_workers=0, max_length=args.seq, lr_scheduler_type="constant", warmup_steps=0,
     )
-    timer = HFStepTimer()
+    timer = hf_step_timer()
     if kind == "sft":
         config = SFTConfig(per_device_train_batch_size=args.sft_batch, packing=False, completion_only_loss=True, **common)
         trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,

@@ -119,7 +119,7 @@ def _plain_linear_head(head: nn.Module) -> bool:
     return (
         type(head) is nn.Linear and head.bias is None and weight is not None
         and tuple(weight.shape) == (head.out_features, head.in_features)
-        and type(weight) in (torch.Tensor, nn.Parameter)
+        and type(weight.data) is torch.Tensor  # a DTensor shard (FSDP2) is gathered only by the module's own call
     )
 
 

@@ -17,7 +17,11 @@ from grape_lightning.rollout.decoding import assemble_generation, eos_token_ids,
 from grape_lightning.rollout.engine import Generation, GenerationEngine
 from grape_lightning.rollout.kv_cache_engine import KVCacheEngine
 from grape_lightning.rollout.sampling import SamplingParams
-from grape_lightning.rollout.static_cache_decoder import StaticCacheDecoder, unsupported_reason, weights_fingerprint
+from grape_lightning.rollout.static_cache_decoder import (
+    StaticCacheDecoder,
+    unsupported_reason,
+    weights_fingerprint,
+)
 
 
 class StaticCacheEngine:
