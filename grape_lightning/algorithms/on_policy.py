@@ -94,9 +94,10 @@ class OnPolicyModule(PolicyModule):
         generator.manual_seed(derive_seed(self.seed, self.global_rank, self.global_step))
         return generator
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def token_logprobs(self, model: torch.nn.Module, rollout_inputs: dict[str, Tensor]) -> Tensor:
-        """Log-probs of the response tokens under ``model`` at the sampling temperature."""
+        """Log-probs of the response tokens under ``model`` at the sampling temperature (in
+        inference mode: no graph, no version counting; callers copy them into ordinary tensors)."""
         return response_logprobs(
             model, rollout_inputs["input_ids"], rollout_inputs["response_mask"], rollout_inputs["attention_mask"],
             temperature=self.sampling.logprob_temperature, chunk_size=self.logprob_chunk_size,

@@ -147,11 +147,11 @@ class PolicyModelsMixin:
         with self.reference_model() as reference:
             return compute(reference, *args, **kwargs)
 
-    @torch.no_grad()
     def reference_logprobs(self, batch: dict[str, Tensor], **kwargs: Any) -> Tensor:
-        """Log-probs under the frozen reference; no graph is built."""
-        with self.reference_model() as reference:
-            return response_logprobs(
+        """Log-probs under the frozen reference, computed in inference mode (no graph, no version
+        counting) and returned as an ordinary tensor, which a loss may save for its backward."""
+        with torch.inference_mode(), self.reference_model() as reference:
+            logprobs = response_logprobs(
                 reference,
                 batch["input_ids"],
                 batch["response_mask"],
@@ -159,6 +159,7 @@ class PolicyModelsMixin:
                 batch.get("position_ids"),
                 **kwargs,
             ).logprobs
+        return logprobs.clone()
 
     # -- export ---------------------------------------------------------------------------------
     def export_hf(self, directory: str | Path) -> Path:
