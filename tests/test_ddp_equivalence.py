@@ -175,7 +175,8 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
     assert weight_gap < 1e-10
     assert moved > 1e-3
     checked = {
-        "dpo": ("train/rewards/accuracies", "train/rewards/margins", "train/sft_nll"), "grpo": ("train/kl", "train/policy_loss"),
+        "dpo": ("train/rewards/accuracies", "train/rewards/margins", "train/sft_nll"),
+        "grpo": ("train/kl", "train/policy_loss", "train/tied_groups", "train/advantage_abs_mean"),
         "ppo": ("train/kl", "train/kl_coef", "train/reward_scale", "train/advantage_std", "train/value_loss"),
     }
     for name in checked.get(algorithm, ()):

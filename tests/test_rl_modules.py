@@ -112,3 +112,24 @@ def test_resume_mid_run_reproduces_the_uninterrupted_run(tmp_path, module_class,
         torch.testing.assert_close(ours, reference, rtol=0, atol=0)
     for ours, reference in zip(resumed.buffers(), full.buffers()):
         torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
+def test_strategies_the_manual_update_cannot_run_under_are_refused_with_the_way_out():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from grape_lightning.algorithms import TRPOModule
+
+    def attached(module, strategy_class):
+        module._trainer = SimpleNamespace(strategy=object.__new__(strategy_class))
+        return module
+
+    grpo = GRPOModule(tiny_spec(), rewards=[NumericMatch()], beta=0.0)
+    with pytest.raises(ValueError, match="ModelParallelStrategy"):
+        attached(grpo, FSDPStrategy).on_fit_start()
+    attached(grpo, ModelParallelStrategy).on_fit_start()  # FSDP2 runs GRPO
+    trpo = TRPOModule(tiny_spec(), rewards=[NumericMatch()])
+    with pytest.raises(ValueError, match="use ddp"):
+        attached(trpo, ModelParallelStrategy).on_fit_start()
+    attached(trpo, DDPStrategy).on_fit_start()

@@ -152,7 +152,12 @@ class GRPOModule(OnPolicyModule):
                     step.pop("kl")
                 terms.add(step)
         self.log_metrics({**self.mean_across_processes(means), **self.mean_across_processes(terms, summed=True)})
-        self.log_metrics({"tied_groups": float(tied.float().mean()), "advantage_abs_mean": float(advantages[rollout.valid].abs().mean()) if rollout.valid.any() else 0.0})
+        # over every rank's groups and responses
+        totals = torch.stack([
+            tied.sum(), torch.tensor(tied.numel(), device=tied.device), advantages[rollout.valid].abs().sum(), rollout.valid.sum(),
+        ]).double()
+        tied_count, group_count, advantage_abs, valid_count = self.sum_across_processes(totals).tolist()
+        self.log_metrics({"tied_groups": tied_count / max(group_count, 1.0), "advantage_abs_mean": advantage_abs / max(valid_count, 1.0)})
 
     def mean_across_processes(self, means: RunningMeans, summed: bool = False) -> dict[str, float]:
         """The weighted means of ``means`` over every rank's values; ``summed``: values that are

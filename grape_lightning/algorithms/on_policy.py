@@ -88,6 +88,25 @@ class OnPolicyModule(PolicyModule):
         self.last_samples: list[dict[str, Any]] = []
         self.initial_metrics: dict[str, float] = {}
 
+    # Whether the update works on parameters sharded by FSDP2 (``ModelParallelStrategy``).
+    supports_fsdp2 = True
+
+    def on_fit_start(self) -> None:
+        """Refuse, with the way out, the strategies under which the manual update cannot run."""
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        strategy = self.trainer.strategy
+        name = type(self).__name__
+        if isinstance(strategy, FSDPStrategy):
+            raise ValueError(
+                f"{name} optimises inside training_step, which FSDPStrategy (FSDP1) runs inside the root unit's "
+                "forward, where FSDP1 refuses a backward. Use FSDP2: --trainer.strategy "
+                "lightning.pytorch.strategies.ModelParallelStrategy --trainer.strategy.data_parallel_size N "
+                "--trainer.strategy.tensor_parallel_size 1 (or ddp)."
+            )
+        if isinstance(strategy, ModelParallelStrategy) and not self.supports_fsdp2:
+            raise ValueError(f"{name} does not run on FSDP2-sharded parameters yet; use ddp")
+
     # -- rollout ---------------------------------------------------------------------------------
     def _generator(self) -> torch.Generator:
         generator = torch.Generator(device=self.device)

@@ -102,6 +102,8 @@ class TRPOModule(OnPolicyModule):
             (None: all of the rollout's).
     """
 
+    supports_fsdp2 = False  # the natural-gradient vector algebra works on whole parameter tensors
+
     def __init__(
         self,
         policy: ModelSpec,
