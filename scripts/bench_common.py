@@ -222,3 +222,14 @@ def hf_step_timer():
             self.seconds.append(time.perf_counter() - self.start)
 
     return HFStepTimer()
+
+
+def benchmark_trainer(steps: int, callbacks: list):
+    """The Lightning trainer of our side of a benchmark: one device, bf16 weights, nothing but the steps."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="auto", devices=1, precision="bf16-true", max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=callbacks,
+    )

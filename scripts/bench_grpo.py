@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from bench_common import (
     QWEN25_SHAPES,
+    benchmark_trainer,
     hf_step_timer,
     median,
     peak_memory_gib,
@@ -103,11 +104,7 @@ def ours(spec, prompt_file: Path, args) -> dict:
     stopwatch.wrap(module, "token_logprobs", "logprobs_s")
     stopwatch.wrap(module, "update", "update")
     timer = StepTimer(stopwatch)
-    trainer = L.Trainer(
-        accelerator="auto", devices=1, precision="bf16-true", max_steps=args.warmup + args.steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=[timer],
-    )
+    trainer = benchmark_trainer(args.warmup + args.steps, [timer])
     reset_peak_memory()
     trainer.fit(module, datamodule)
     return {"steps": timer.steps[args.warmup:], "peak_gib": peak_memory_gib()}

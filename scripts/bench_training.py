@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from bench_common import (
     QWEN25_SHAPES,
+    benchmark_trainer,
     hf_step_timer,
     median,
     peak_flops,
@@ -83,11 +84,7 @@ def ours(kind: str, spec, data_file: Path, args) -> dict:
         module = DPOModule(spec, optimizer=optimizer, beta=0.1, reference_logprobs="online")
         datamodule = PreferenceDataModule(train_file=str(data_file), max_length=args.seq, batch_size=args.dpo_pairs)
     timer = StepTimer()
-    trainer = L.Trainer(
-        accelerator="auto", devices=1, precision="bf16-true", max_steps=args.warmup + args.steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=[timer],
-    )
+    trainer = benchmark_trainer(args.warmup + args.steps, [timer])
     reset_peak_memory()
     trainer.fit(module, datamodule)
     return {"seconds": timer.seconds[args.warmup:], "peak_gib": peak_memory_gib()}
