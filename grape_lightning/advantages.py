@@ -87,15 +87,38 @@ def batch_mean_baseline(rewards: Tensor, valid: Tensor | None = None) -> Tensor:
     return mean.expand_as(rewards)
 
 
-def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(v - mean) / std over the entries where ``mask`` is set (padding ignored); zeros elsewhere.
+SumAcross = Callable[[Tensor], Tensor]
+
+
+def _this_process(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def masked_moments(values: Tensor, mask: Tensor, sum_across: SumAcross = _this_process) -> Tensor:
+    """(count, mean, M2) in float64 of the entries where ``mask`` is set, over every process.
+
+    ``sum_across`` sums a tensor over processes (under DDP an all-reduce, e.g. Lightning's
+    ``trainer.strategy.reduce(x, reduce_op="sum")``; the identity in one process). Two
+    reductions, the mean first, so M2 (the sum of squared deviations) has no cancellation error.
+    Every process makes the same two calls, whatever its own count.
+    """
+    selected = values[mask.bool()].double()
+    totals = sum_across(torch.stack([selected.new_tensor(float(selected.numel())), selected.sum()]))
+    count = totals[0]
+    mean = totals[1] / count.clamp(min=1.0)
+    return torch.stack([count, mean, sum_across(((selected - mean) ** 2).sum())])
+
+
+def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, sum_across: SumAcross = _this_process) -> Tensor:
+    """(v - mean) / std over the entries where ``mask`` is set (padding ignored), of every
+    process with ``sum_across`` (see :func:`masked_moments`); zeros elsewhere.
 
     ``shift_mean=False`` only rescales (keeps the sign of every advantage).
     """
     mask = mask.bool()
-    selected = values[mask]
-    mean = selected.mean()
-    std = selected.std(unbiased=False) if selected.numel() > 1 else values.new_ones(())
+    count, mean, m2 = masked_moments(values, mask, sum_across)
+    std = (m2 / count).sqrt() if count > 1 else torch.ones_like(mean)
+    mean, std = mean.to(values.dtype), std.to(values.dtype)
     whitened = (values - mean) / (std + eps)
     if not shift_mean:
         whitened = whitened + mean / (std + eps)
@@ -103,7 +126,7 @@ def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1
 
 
 # ------------------------------------------------------------------------------------------------
-# Per-token advantages of PPO: rewards on tokens, GAE, whitening across processes, value diagnostics
+# Per-token advantages of PPO: rewards on tokens, GAE, running reward moments, value diagnostics
 # ------------------------------------------------------------------------------------------------
 
 
@@ -147,47 +170,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, returns
 
 
-def whiten_across(
-    values: Tensor, mask: Tensor, sum_across: Callable[[Tensor], Tensor] = lambda x: x, shift_mean: bool = True, eps: float = 1e-8
-) -> Tensor:
-    """:func:`whiten` with the mean and std over the masked entries of every process.
-
-    ``sum_across`` sums a tensor over processes (under DDP an all-reduce, e.g. Lightning's
-    ``trainer.strategy.reduce(x, reduce_op="sum")``; the identity in one process, where this equals
-    :func:`whiten`). Two reductions, the mean first, so the variance has no cancellation error.
-    """
-    mask = mask.bool()
-    selected = values[mask].double()
-    totals = sum_across(torch.stack([selected.sum(), selected.new_tensor(float(selected.numel()))]))
-    count = float(totals[1])
-    mean = totals[0] / max(count, 1.0)
-    variance = sum_across(((selected - mean) ** 2).sum()) / max(count, 1.0)
-    std = variance.sqrt() if count > 1 else torch.ones_like(mean)
-    mean, std = mean.to(values.dtype), std.to(values.dtype)
-    whitened = (values - mean) / (std + eps)
-    if not shift_mean:
-        whitened = whitened + mean / (std + eps)
-    return torch.where(mask, whitened, 0.0)
-
-
-def update_reward_moments(
-    moments: Tensor, values: Tensor, valid: Tensor, sum_across: Callable[[Tensor], Tensor] = lambda x: x
-) -> Tensor:
-    """Running (count, mean, M2) of a stream of values, updated with the ``valid`` entries of
-    ``values`` from every process; M2 / count is the population variance of the whole stream.
-    ``moments`` is a float64 tensor [3] (zeros for an empty stream). The batch's own M2 is taken
-    about its mean, so there is no cancellation error.
-    """
-    selected = values[valid.bool()].double()
-    totals = sum_across(torch.stack([selected.new_tensor(float(selected.numel())), selected.sum()]))
-    count = float(totals[0])
-    if count == 0:
-        return moments.clone()
-    mean = totals[1] / count
-    m2 = sum_across(((selected - mean) ** 2).sum())
-    return merge_moments(moments, torch.stack([totals[0], mean, m2]).to(moments))
-
-
 def merge_moments(a: Tensor, b: Tensor) -> Tensor:
     """(count, mean, M2) of two streams together (the parallel merge of Chan et al., 1979):
 
@@ -208,20 +190,13 @@ def moments_std(moments: Tensor) -> float:
     return std if std > 0 else 1.0
 
 
-def masked_mean_std(values: Tensor, mask: Tensor, sum_across: Callable[[Tensor], Tensor] = lambda x: x) -> tuple[float, float]:
-    """Mean and (population) standard deviation of the masked entries of every process; the
-    mean is reduced first, so the variance has no cancellation error. (0, 0) for no entries."""
-    selected = values[mask.bool()].double()
-    totals = sum_across(torch.stack([selected.sum(), selected.new_tensor(float(selected.numel()))]))
-    count = float(totals[1])
-    if count == 0:
-        return 0.0, 0.0
-    mean = totals[0] / count
-    variance = sum_across(((selected - mean) ** 2).sum()) / count
-    return float(mean), float(variance.sqrt())
+def masked_mean_std(values: Tensor, mask: Tensor, sum_across: SumAcross = _this_process) -> tuple[float, float]:
+    """Mean and (population) standard deviation of the masked entries of every process; (0, 0) for none."""
+    count, mean, m2 = masked_moments(values, mask, sum_across).tolist()
+    return (mean, (m2 / count) ** 0.5) if count > 0 else (0.0, 0.0)
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, sum_across: Callable[[Tensor], Tensor] = lambda x: x) -> float:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, sum_across: SumAcross = _this_process) -> float:
     """1 - Var[R - V] / Var[R] over the masked entries of every process: 1 for a perfect value
     model, 0 for one that predicts the mean, negative for a worse one (0 when the returns do not vary)."""
     _, target_std = masked_mean_std(returns, mask, sum_across)

@@ -16,12 +16,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from grape_lightning.advantages import (
     explained_variance,
     gae,
+    masked_moments,
     merge_moments,
     moments_std,
     token_rewards,
-    update_reward_moments,
     whiten,
-    whiten_across,
 )
 from grape_lightning.algorithms import OptimizerConfig, RewardModelModule
 from grape_lightning.algorithms.ppo import PPOModule
@@ -202,8 +201,8 @@ def test_whitening_across_processes_equals_whitening_the_whole_batch_and_ignores
     m = torch.tensor(mask).bool()
     garbage = t(with_garbage(values, mask, 1e9))
     garbage[1, ~m[1]] = NAN
-    torch.testing.assert_close(whiten_across(garbage, m, eps=0.0), expected, **TOL)
-    torch.testing.assert_close(whiten_across(garbage, m), whiten(t(values), m), **TOL)
+    torch.testing.assert_close(whiten(garbage, m, eps=0.0), expected, **TOL)
+    torch.testing.assert_close(whiten(garbage, m), whiten(t(values), m), **TOL)
 
     # two "processes" holding 3 and 7 of the rows (different token counts) see the whole batch's statistics
     reduce = ThreadSum(2)
@@ -211,7 +210,7 @@ def test_whitening_across_processes_equals_whitening_the_whole_batch_and_ignores
     results = [None, None]
 
     def run(rank: int) -> None:
-        results[rank] = whiten_across(garbage[parts[rank]], m[parts[rank]], reduce.for_rank(rank), eps=0.0)
+        results[rank] = whiten(garbage[parts[rank]], m[parts[rank]], eps=0.0, sum_across=reduce.for_rank(rank))
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
     for thread in threads:
@@ -219,7 +218,7 @@ def test_whitening_across_processes_equals_whitening_the_whole_batch_and_ignores
     for thread in threads:
         thread.join()
     torch.testing.assert_close(torch.cat(results), expected, **TOL)
-    alone = whiten_across(garbage[parts[0]], m[parts[0]], eps=0.0)
+    alone = whiten(garbage[parts[0]], m[parts[0]], eps=0.0)
     assert not torch.allclose(alone, expected[parts[0]])  # local statistics would differ
 
 
@@ -241,7 +240,7 @@ def test_running_reward_moments_equal_the_statistics_of_the_whole_stream(seed):
             batches.append((t([v if ok else NAN for v, ok in zip(values, valid)]), torch.tensor(valid, dtype=torch.bool)))
 
         def run(rank: int) -> None:
-            moments[rank] = update_reward_moments(moments[rank], *batches[rank], reduce.for_rank(rank))
+            moments[rank] = merge_moments(moments[rank], masked_moments(*batches[rank], reduce.for_rank(rank)))
 
         threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
         for thread in threads:
@@ -256,7 +255,7 @@ def test_running_reward_moments_equal_the_statistics_of_the_whole_stream(seed):
             expected_std = math.sqrt(m2 / len(seen)) if len(seen) > 1 and m2 > 0 else 1.0
             assert moments_std(moments[0]) == pytest.approx(expected_std, rel=1e-12)
     # merging is symmetric and the empty stream is its identity
-    a, b = update_reward_moments(torch.zeros(3, dtype=F64), t([1.0, 4.0]), torch.ones(2, dtype=torch.bool)), t([3.0, 2.0, 8.0])
+    a, b = masked_moments(t([1.0, 4.0]), torch.ones(2, dtype=torch.bool)), t([3.0, 2.0, 8.0])
     torch.testing.assert_close(merge_moments(a, b), merge_moments(b, a), **TOL)
     assert torch.equal(merge_moments(torch.zeros(3, dtype=F64), b), b)
     assert moments_std(torch.zeros(3, dtype=F64)) == 1.0

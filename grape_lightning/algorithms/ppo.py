@@ -13,11 +13,11 @@ from grape_lightning.advantages import (
     explained_variance,
     gae,
     masked_mean_std,
+    masked_moments,
     merge_moments,
     moments_std,
     token_rewards,
-    update_reward_moments,
-    whiten_across,
+    whiten,
 )
 from grape_lightning.algorithms.base import as_dataclass
 from grape_lightning.algorithms.on_policy import OnPolicyModule, RunningMeans
@@ -173,21 +173,51 @@ class PPOModule(OnPolicyModule):
         return ValueModel.from_sequence_scorer(scorer).train()
 
     # -- values ----------------------------------------------------------------------------------
-    def token_values(self, inputs: dict[str, Tensor]) -> Tensor:
+    @property
+    def shares_trunk(self) -> bool:
+        """A value head on the policy's own trunk: one trunk pass gives log-probs and values."""
+        return self.value_model.trunk is self.policy.base_model
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        # with a shared trunk, pi_old's log-probs come from the pass that computes V_old
+        return not self.shares_trunk
+
+    def token_values(self, inputs: dict[str, Tensor], hidden: Tensor | None = None) -> Tensor:
         """V[b, t] for the response tokens t of ``inputs``: the value model's output at position
-        t - 1, whose hidden state chooses token t (the alignment of the log-probs); 0 elsewhere."""
-        values = self.value_model(inputs["input_ids"], inputs["attention_mask"])
+        t - 1, whose hidden state chooses token t (the alignment of the log-probs); 0 elsewhere.
+        ``hidden``: the policy trunk's hidden states of ``inputs`` when the value head shares it."""
+        if hidden is not None:
+            values = self.value_model.values_from_hidden(hidden)
+        else:
+            values = self.value_model(inputs["input_ids"], inputs["attention_mask"])
         before_token = torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
         return torch.where(inputs["response_mask"], before_token, 0.0)
 
     @torch.no_grad()
     def rollout_values(self, rollout: Rollout) -> Tensor:
-        """V_old: the values of the sampled states before any update, in eval mode (deterministic)."""
+        """V_old: the values of the sampled states before any update, in eval mode (deterministic).
+        With a shared trunk the same pass sets ``rollout.old_logprobs`` (pi_old's log-probs)."""
         was_training = self.value_model.training
         self.value_model.eval()
-        values = self._in_micro_batches(len(rollout), lambda i: self.token_values(rollout.model_inputs(i)), rollout.old_logprobs)
+        dtype = torch.promote_types(rollout.old_logprobs.dtype, torch.float32)
+        old_values = torch.zeros_like(rollout.old_logprobs, dtype=dtype)
+        old_logprobs = torch.zeros_like(old_values) if self.shares_trunk else None
+        for index in torch.arange(len(rollout), device=self.device).split(self.micro_batch_size):
+            inputs = rollout.model_inputs(index)
+            width = inputs["input_ids"].shape[1]
+            if old_logprobs is None:
+                old_values[index, :width] = self.token_values(inputs)
+                continue
+            token = self.policy_logprobs(
+                inputs, temperature=self.sampling.logprob_temperature, chunk_size=self.logprob_chunk_size, with_hidden=True
+            )
+            old_logprobs[index, :width] = token.logprobs
+            old_values[index, :width] = self.token_values(inputs, token.hidden)
+        if old_logprobs is not None:
+            rollout.old_logprobs = old_logprobs
         self.value_model.train(was_training)
-        return values
+        return old_values
 
     # -- across processes ------------------------------------------------------------------------
     def _global_mean(self, total: float, count: float) -> tuple[float, float]:
@@ -199,7 +229,7 @@ class PPOModule(OnPolicyModule):
         """s of ``reward_scaling`` for this batch (``"running"`` first adds the batch to its statistics)."""
         if self.reward_scaling == "none":
             return 1.0
-        batch_moments = update_reward_moments(torch.zeros_like(self.reward_moments), rollout.rewards, rollout.valid, self.sum_across_processes)
+        batch_moments = masked_moments(rollout.rewards, rollout.valid, self.sum_across_processes)
         if self.reward_scaling == "batch":
             return moments_std(batch_moments)
         self.reward_moments.copy_(merge_moments(self.reward_moments, batch_moments))
@@ -216,7 +246,7 @@ class PPOModule(OnPolicyModule):
         reward_scale = self.reward_scale(rollout)
         rewards = token_rewards(rollout.rewards / reward_scale, token_kl, trained, self.kl_coef)
         raw_advantages, returns = gae(rewards, old_values, trained, self.gamma, self.lam)
-        advantages = whiten_across(raw_advantages, trained, self.sum_across_processes) if self.whiten_advantages else raw_advantages
+        advantages = whiten(raw_advantages, trained, sum_across=self.sum_across_processes) if self.whiten_advantages else raw_advantages
 
         metrics = self.optimise(rollout, advantages, old_values, returns)
 
@@ -253,12 +283,12 @@ class PPOModule(OnPolicyModule):
                 width = inputs["input_ids"].shape[1]
                 token = self.policy_logprobs(
                     inputs, temperature=self.sampling.logprob_temperature,
-                    chunk_size=self.logprob_chunk_size, with_entropy=True,
+                    chunk_size=self.logprob_chunk_size, with_entropy=True, with_hidden=self.shares_trunk,
                 )
                 mask = trained[micro, :width]
                 loss, metrics = ppo_loss(
                     token.logprobs, rollout.take("old_logprobs", micro), advantages[micro, :width],
-                    self.token_values(inputs), old_values[micro, :width], returns[micro, :width], mask,
+                    self.token_values(inputs, token.hidden), old_values[micro, :width], returns[micro, :width], mask,
                     entropy=token.entropy, eps_low=self.eps_low, eps_high=self.eps_high,
                     value_clip=self.value_clip, vf_coef=self.vf_coef, entropy_coef=self.entropy_coef,
                     aggregation=self.aggregation, constant_length=self.sampling.max_new_tokens,

@@ -26,6 +26,7 @@ class TokenLogprobs:
     logprobs: Tensor
     entropy: Tensor | None = None
     top1: Tensor | None = None
+    hidden: Tensor | None = None  # [batch, time, hidden]: the trunk's last hidden states (``with_hidden``)
 
 
 def _head_statistics(
@@ -144,6 +145,7 @@ def response_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     with_top1: bool = False,
+    with_hidden: bool = False,
 ) -> TokenLogprobs:
     """Log-probs of the tokens where ``response_mask`` is set, computed from a Hugging Face causal LM.
 
@@ -159,6 +161,7 @@ def response_logprobs(
             left-padded prompt gets the same positions as at generation time. Needed for packed rows.
         temperature: divides the logits, as the sampler did.
         chunk_size: rows of the LM head evaluated at once.
+        with_hidden: also return the trunk's hidden states, for a value head on the same trunk.
     """
     if position_ids is None and attention_mask is not None:
         position_ids = positions_from_mask(attention_mask)
@@ -180,6 +183,7 @@ def response_logprobs(
             logprobs=_scatter_rows(logprob_rows, scored),
             entropy=_scatter_rows(entropy_rows, scored) if with_entropy else None,
             top1=_scatter_rows(top1_rows, scored) if with_top1 else None,
+            hidden=hidden if with_hidden else None,
         )
 
     # any other head (soft-capped logits, an adapter, a sharded weight): checkpointed chunks
@@ -201,6 +205,7 @@ def response_logprobs(
         logprobs=_scatter_rows(logprob_rows, scored),
         entropy=_scatter_rows(entropy_rows, scored) if with_entropy else None,
         top1=_scatter_rows(top1_rows, scored) if with_top1 else None,
+        hidden=hidden if with_hidden else None,
     )
 
 

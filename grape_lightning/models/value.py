@@ -53,5 +53,9 @@ class ValueModel(nn.Module):
         if position_ids is None and attention_mask is not None:
             position_ids = positions_from_mask(attention_mask)
         outputs = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        return self.values_from_hidden(outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0])
+
+    def values_from_hidden(self, hidden: Tensor) -> Tensor:
+        """The head on hidden states the trunk already computed (a head sharing the policy's trunk
+        reads the policy's forward pass); float32 values (float64 from a float64 trunk)."""
         return self.head(hidden).float() if hidden.dtype != torch.float64 else self.head(hidden)

@@ -21,6 +21,11 @@ from grape_lightning.rollout.sampling import SamplingParams, sample_next_token
 StepFunction = Callable[[Tensor, int], Tensor]
 
 
+def check_prompts(prompt_ids: list[list[int]]) -> None:
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+
+
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> Tensor:
     """Every id that ends a response: the tokenizer's EOS and the model's generation config's."""
     ids = {tokenizer.eos_token_id}

@@ -10,7 +10,12 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from grape_lightning.data.collate import pad_left
 from grape_lightning.models.logprobs import positions_from_mask
-from grape_lightning.rollout.decoding import assemble_generation, eos_token_ids, sample_responses
+from grape_lightning.rollout.decoding import (
+    assemble_generation,
+    check_prompts,
+    eos_token_ids,
+    sample_responses,
+)
 from grape_lightning.rollout.engine import Generation
 from grape_lightning.rollout.sampling import SamplingParams
 
@@ -40,8 +45,7 @@ class KVCacheEngine:
         params: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Generation:
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("every prompt needs at least one token")
+        check_prompts(prompt_ids)
         device = next(model.parameters()).device
         input_ids = pad_left(prompt_ids, self.tokenizer.pad_token_id).to(device)
         prompt_mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(device)

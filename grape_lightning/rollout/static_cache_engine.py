@@ -13,7 +13,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from grape_lightning.data.collate import pad_left
-from grape_lightning.rollout.decoding import assemble_generation, eos_token_ids, sample_responses
+from grape_lightning.rollout.decoding import (
+    assemble_generation,
+    check_prompts,
+    eos_token_ids,
+    sample_responses,
+)
 from grape_lightning.rollout.engine import Generation, GenerationEngine
 from grape_lightning.rollout.kv_cache_engine import KVCacheEngine
 from grape_lightning.rollout.sampling import SamplingParams
@@ -104,8 +109,7 @@ class StaticCacheEngine:
         params: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Generation:
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("every prompt needs at least one token")
+        check_prompts(prompt_ids)
         width = max(len(p) for p in prompt_ids)
         padded_width = -(-width // self.width_multiple) * self.width_multiple
         length = padded_width + params.max_new_tokens
