@@ -140,9 +140,7 @@ class OnPolicyModule(PolicyModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         generation_seconds = time.perf_counter() - start
-        release = getattr(self.engine, "release", None)
-        if callable(release):
-            release()  # the KV cache and decode graphs are rebuilt next time; their memory goes to the update
+        self.engine.release()  # the KV cache and decode graphs are rebuilt next time; their memory goes to the update
         self.policy.train(was_training)
 
         if not sampling.greedy:

@@ -51,3 +51,7 @@ class GenerationEngine(Protocol):
         params: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Generation: ...
+
+    def release(self) -> None:
+        """Free what the engine keeps between calls (caches, recorded graphs); the next call rebuilds it."""
+        ...

@@ -37,6 +37,9 @@ class KVCacheEngine:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
 
+    def release(self) -> None:
+        """Nothing to free: the cache of a call lives only during the call."""
+
     @torch.no_grad()
     def generate(
         self,
