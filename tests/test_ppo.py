@@ -24,14 +24,14 @@ from grape_lightning.advantages import (
 )
 from grape_lightning.algorithms import OptimizerConfig, RewardModelModule
 from grape_lightning.algorithms.ppo import PPOModule
-from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.losses.ppo import adaptive_kl_coef, clipped_value_loss, ppo_loss
 from grape_lightning.models import ModelSpec
 from grape_lightning.models.scores import last_token_scores
 from grape_lightning.rewards import RewardFunction
-from grape_lightning.rollout import RolloutDataModule, SamplingParams
+from grape_lightning.rollout import SamplingParams
 from tests.conftest import tiny_spec
 from tests.test_rl_losses import loop_aggregate
+from tests.test_rl_modules import LengthParity, _datamodule, _trainer
 
 F64 = torch.float64
 TOL = dict(rtol=0.0, atol=1e-12)
@@ -436,13 +436,6 @@ class SometimesMissing(RewardFunction):
         return [None if i % 3 == 0 else float(len(r) % 2) for i, r in enumerate(responses)]
 
 
-class LengthParity(RewardFunction):
-    """A reward a random tiny model already varies on: 1 for responses of odd length."""
-
-    def __call__(self, prompts, responses, metadata):
-        return [float(len(r) % 2) for r in responses]
-
-
 class ScaledParity(RewardFunction):
     """LengthParity times ``factor``: the same preferences on another scale."""
 
@@ -452,19 +445,6 @@ class ScaledParity(RewardFunction):
 
     def __call__(self, prompts, responses, metadata):
         return [self.factor * (len(r) % 2) for r in responses]
-
-
-def _datamodule(**kwargs):
-    options = {"task": ArithmeticTask(num_train=64, num_val=8), "group_size": 4, "batch_size": 4, **kwargs}
-    return RolloutDataModule(**options)
-
-
-def _trainer(tmp_path, max_steps, **kwargs):
-    options = dict(
-        max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**options, **kwargs})
 
 
 def _rollout(module):
