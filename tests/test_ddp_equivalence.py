@@ -1,8 +1,9 @@
 """Two CPU processes under DDP (gloo) optimise the loss of the global batch: GRPO and DPO take the
 same steps, with the same logged losses, as one process whose batch is both ranks' batches
 together, and both ranks end with identical weights. The same holds for GRPO and SFT sharded
-with FSDP2 (Lightning's ``ModelParallelStrategy``; ``FSDPStrategy`` does not run on CPU), with
-generation gathering the parameters once (no rank waits for another that stopped decoding).
+with FSDP2 (``--trainer.strategy fsdp2``; Lightning's FSDP1 ``fsdp`` does not run on CPU), with
+generation gathering the parameters once (no rank waits for another that stopped decoding), also
+for a model whose input and output embeddings share one matrix (``grpo_tied``).
 
 GRPO samples: to compare updates, every setup samples the same global rollout (the generator
 seeded by the step alone, all prompts of the step) and each rank trains on its share of whole
@@ -12,7 +13,7 @@ responses of unequal lengths, unscorable rewards on some rows, reward scaling by
 PPO (under DDP) adds global statistics of its own: reward scaling by the batch std, advantage
 whitening, the adaptive KL coefficient, and a value model whose state is compared too.
 
-Run by the tests as ``python -m tests.test_ddp_equivalence <grpo|dpo|ppo|sft> <devices> <out_dir> <ddp|fsdp2>``.
+Run by the tests as ``python -m tests.test_ddp_equivalence <grpo|grpo_tied|dpo|ppo|sft> <devices> <out_dir> <ddp|fsdp2>``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ GROUP_SIZE = 4
 STEPS = 3
 
 
+def _spec(algorithm: str):
+    from tests.conftest import TINY_CONFIG, tiny_spec
+
+    tied = algorithm.endswith("_tied")  # input and output embeddings share one matrix
+    return tiny_spec(dtype="float64", config={**TINY_CONFIG, "tie_word_embeddings": tied})
+
+
 def _setup(algorithm: str, devices: int):
     from grape_lightning.algorithms import DPOModule, GRPOModule, OptimizerConfig, SFTModule
     from grape_lightning.algorithms.on_policy import derive_seed
@@ -41,9 +49,8 @@ def _setup(algorithm: str, devices: int):
     from grape_lightning.rewards import RewardFunction
     from grape_lightning.rollout import RolloutDataModule, SamplingParams
     from grape_lightning.rollout.datamodule import collate_prompts
-    from tests.conftest import tiny_spec
 
-    spec = tiny_spec(dtype="float64")
+    spec = _spec(algorithm)
     optimizer = OptimizerConfig(lr=1e-2)
     if algorithm == "sft":
         module = SFTModule(spec, optimizer=optimizer)
@@ -132,14 +139,12 @@ class RecordLosses(L.Callback):
 
 
 def main(algorithm: str, devices: int, out: str, strategy: str) -> None:
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    import grape_lightning  # noqa: F401  registers the strategy name fsdp2
 
     L.seed_everything(0)
     module, data = _setup(algorithm, devices)
     if devices == 1:
         strategy = "auto"
-    elif strategy == "fsdp2":
-        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -157,7 +162,10 @@ def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list
     return [torch.load(out / f"rank{rank}.pt") for rank in range(devices)]
 
 
-@pytest.mark.parametrize("algorithm, strategy", [("grpo", "ddp"), ("dpo", "ddp"), ("ppo", "ddp"), ("grpo", "fsdp2"), ("sft", "fsdp2")])
+@pytest.mark.parametrize(
+    "algorithm, strategy",
+    [("grpo", "ddp"), ("dpo", "ddp"), ("ppo", "ddp"), ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2")],
+)
 def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorithm, strategy, tmp_path):
     (single,) = _run(algorithm, 1, tmp_path / "single")
     ranks = _run(algorithm, 2, tmp_path / strategy, strategy)
@@ -167,7 +175,7 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
     losses = torch.tensor([single["losses"], ranks[0]["losses"]], dtype=torch.float64)
     loss_gap = float((losses[0] - losses[1]).abs().max())
     weight_gap = max(float((single["policy"][n] - t).abs().max()) for n, t in ranks[0]["policy"].items())
-    moved = max(float((single["policy"]["policy." * (algorithm == "ppo") + n] - t).abs().max()) for n, t in _initial_policy().items())
+    moved = max(float((single["policy"]["policy." * (algorithm == "ppo") + n] - t).abs().max()) for n, t in _initial_policy(algorithm).items())
     print(f"\n{algorithm} / {strategy}: losses 1 process {single['losses']} / 2 processes {ranks[0]['losses']}; "
           f"max loss gap {loss_gap:.2e}, max weight gap {weight_gap:.2e} (weights moved up to {moved:.2e})")
     assert len(single["losses"]) == STEPS
@@ -177,17 +185,17 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
     checked = {
         "dpo": ("train/rewards/accuracies", "train/rewards/margins", "train/sft_nll"),
         "grpo": ("train/kl", "train/policy_loss", "train/tied_groups", "train/advantage_abs_mean"),
+        "grpo_tied": ("train/kl", "train/policy_loss"),
         "ppo": ("train/kl", "train/kl_coef", "train/reward_scale", "train/advantage_std", "train/value_loss"),
     }
     for name in checked.get(algorithm, ()):
         assert abs(single["metrics"][name] - ranks[0]["metrics"][name]) < 1e-10, name
 
 
-def _initial_policy() -> dict:
+def _initial_policy(algorithm: str) -> dict:
     from grape_lightning.models.loading import load_causal_lm, load_tokenizer
-    from tests.conftest import tiny_spec
 
-    spec = tiny_spec(dtype="float64")
+    spec = _spec(algorithm)
     return load_causal_lm(spec, load_tokenizer(spec)).state_dict()
 
 

@@ -182,7 +182,7 @@ class RecordPrompts(L.Callback):
             handle.write("\n".join(prompts) + "\n")
 
 
-def _resize_command(run: Path, devices: int, batch_size: int, max_steps: int) -> list[str]:
+def _resize_command(run: Path, devices: int, batch_size: int, max_steps: int, strategy: str = "ddp") -> list[str]:
     override = {
         "trainer": {
             "max_steps": max_steps, "val_check_interval": 1000, "logger": False, "enable_progress_bar": False,
@@ -199,7 +199,7 @@ def _resize_command(run: Path, devices: int, batch_size: int, max_steps: int) ->
     return [
         sys.executable, "-m", "grape_lightning.cli", "fit", "--config", str(ROOT / "configs/grpo.yaml"),
         "--config", str(run / f"override-{devices}.yaml"), "--ckpt_path", "last",
-        "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
+        "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", strategy if devices > 1 else "auto",
     ]
 
 
@@ -215,15 +215,16 @@ def _first_prompts(count: int) -> list[str]:
     return sorted(set(next(iter(data.train_dataloader()))["prompts"]))
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_a_run_resumes_on_another_number_of_processes_where_it_stopped(before, after, tmp_path):
+@pytest.mark.parametrize("before, after, strategy", [(2, 1, "ddp"), (1, 2, "ddp"), (2, 1, "fsdp2")])
+def test_a_run_resumes_on_another_number_of_processes_where_it_stopped(before, after, strategy, tmp_path):
     """The same command but ``--trainer.devices``: 2 prompts per process and step, so the global
     batch changes with the number of processes. 2 steps, then 2 more after the resume, which must
-    train on the prompts that follow in the order, none twice, none skipped."""
+    train on the prompts that follow in the order, none twice, none skipped. Under FSDP2 the
+    checkpoint of the sharded run is whole and resumes in one unsharded process."""
     run = tmp_path / "run"
     run.mkdir()
-    _finish(_resize_command(run, before, 2, 2), tmp_path)
-    _finish(_resize_command(run, after, 2, 4), tmp_path)
+    _finish(_resize_command(run, before, 2, 2, strategy), tmp_path)
+    _finish(_resize_command(run, after, 2, 4, strategy), tmp_path)
     trained = []
     for path in sorted((run / "record").glob("prompts-rank*.txt")):
         trained += [line for line in path.read_text().splitlines() if line]

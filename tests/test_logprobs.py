@@ -104,3 +104,23 @@ def test_packed_rows_equal_separate_sequences(model64):
     alone_second = response_logprobs(model64, second, torch.ones_like(second, dtype=torch.bool)).logprobs
     torch.testing.assert_close(packed[:, :9], alone_first, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(packed[:, 10:], alone_second[:, 1:], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rows", ["some", "none"])
+def test_a_head_gathered_per_call_is_called_once_whatever_the_number_of_rows(model64, rows):
+    """Under ZeRO-3 each call of the head gathers its weight (a collective): every rank must call it
+    equally often, so once per pass, also with more rows than a chunk and with no rows at all."""
+    import copy
+
+    input_ids, attention_mask, response_mask = _random_batch(model64.config.vocab_size, seed=5)
+    if rows == "none":
+        response_mask[:] = False
+    model = copy.deepcopy(model64)
+    head = model.get_output_embeddings()
+    head.weight.ds_id = 0  # how DeepSpeed marks a ZeRO-3 parameter
+    calls = []
+    head.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    out = response_logprobs(model, input_ids, response_mask, attention_mask, chunk_size=3)
+    expected = response_logprobs(model64, input_ids, response_mask, attention_mask, chunk_size=3)
+    assert calls == [int(response_mask[:, 1:].sum())]
+    torch.testing.assert_close(out.logprobs, expected.logprobs, rtol=1e-12, atol=1e-12)

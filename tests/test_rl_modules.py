@@ -117,19 +117,22 @@ def test_resume_mid_run_reproduces_the_uninterrupted_run(tmp_path, module_class,
 def test_strategies_the_manual_update_cannot_run_under_are_refused_with_the_way_out():
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
     from grape_lightning.algorithms import TRPOModule
+    from grape_lightning.strategies import FSDP2Strategy
 
     def attached(module, strategy_class):
         module._trainer = SimpleNamespace(strategy=object.__new__(strategy_class))
         return module
 
     grpo = GRPOModule(tiny_spec(), rewards=[NumericMatch()], beta=0.0)
-    with pytest.raises(ValueError, match="ModelParallelStrategy"):
-        attached(grpo, FSDPStrategy).on_fit_start()
-    attached(grpo, ModelParallelStrategy).on_fit_start()  # FSDP2 runs GRPO
+    with pytest.raises(ValueError, match="--trainer.strategy fsdp2"):
+        attached(grpo, FSDPStrategy).check_strategy()
+    attached(grpo, FSDP2Strategy).check_strategy()  # FSDP2 runs GRPO
+    attached(grpo, DeepSpeedStrategy).check_strategy()  # and so does DeepSpeed
     trpo = TRPOModule(tiny_spec(), rewards=[NumericMatch()])
-    with pytest.raises(ValueError, match="use ddp"):
-        attached(trpo, ModelParallelStrategy).on_fit_start()
-    attached(trpo, DDPStrategy).on_fit_start()
+    for sharded in (FSDP2Strategy, DeepSpeedStrategy):
+        with pytest.raises(ValueError, match="use ddp"):
+            attached(trpo, sharded).check_strategy()
+    attached(trpo, DDPStrategy).check_strategy()

@@ -128,3 +128,23 @@ def test_cuda_graphs_give_the_reference_tokens_and_follow_weight_updates(archite
             for parameter in model.parameters():
                 parameter.add_(0.01 * torch.randn_like(parameter))
     assert len(engine._decoders) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_failed_capture_decodes_without_a_graph(monkeypatch):
+    """A capture invalidated by other work of the process is counted and warned about, and that
+    batch shape decodes eagerly, with the reference tokens."""
+    from grape_lightning.rollout.static_cache_decoder import StaticCacheDecoder
+
+    model, tokenizer, prompt_ids = _model("qwen2", dtype="float32", device="cuda")
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+
+    def invalidated(self, pool=None):
+        raise torch.AcceleratorError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(StaticCacheDecoder, "capture", invalidated)
+    engine = StaticCacheEngine(tokenizer)
+    with pytest.warns(UserWarning, match="capture failed"):
+        ours = engine.generate(model, prompt_ids, params)
+    _assert_same(ours, KVCacheEngine(tokenizer).generate(model, prompt_ids, params), atol=1e-4)
+    assert engine.capture_failures == 1 and next(iter(engine._decoders.values())).graph is None

@@ -88,24 +88,52 @@ class OnPolicyModule(PolicyModule):
         self.last_samples: list[dict[str, Any]] = []
         self.initial_metrics: dict[str, float] = {}
 
-    # Whether the update works on parameters sharded by FSDP2 (``ModelParallelStrategy``).
-    supports_fsdp2 = True
+    # Whether the update may run on parameters a strategy shards (FSDP2, DeepSpeed); TRPO's may not.
+    updates_sharded_parameters = True
 
-    def on_fit_start(self) -> None:
-        """Refuse, with the way out, the strategies under which the manual update cannot run."""
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+    def configure_model(self) -> None:
+        self.check_strategy()
+        self.configure_deepspeed()
+        super().configure_model()
+
+    def check_strategy(self) -> None:
+        """Refuse, with the way out, the strategies under which the manual update cannot run
+        (before the strategy wraps the module)."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
         strategy = self.trainer.strategy
         name = type(self).__name__
         if isinstance(strategy, FSDPStrategy):
             raise ValueError(
                 f"{name} optimises inside training_step, which FSDPStrategy (FSDP1) runs inside the root unit's "
-                "forward, where FSDP1 refuses a backward. Use FSDP2: --trainer.strategy "
-                "lightning.pytorch.strategies.ModelParallelStrategy --trainer.strategy.data_parallel_size N "
-                "--trainer.strategy.tensor_parallel_size 1 (or ddp)."
+                "forward, where FSDP1 refuses a backward. Use FSDP2, which shards the same way: "
+                "--trainer.strategy fsdp2 (grape_lightning.strategies.FSDP2Strategy)."
             )
-        if isinstance(strategy, ModelParallelStrategy) and not self.supports_fsdp2:
-            raise ValueError(f"{name} does not run on FSDP2-sharded parameters yet; use ddp")
+        if not self.updates_sharded_parameters and isinstance(strategy, (ModelParallelStrategy, DeepSpeedStrategy)):
+            raise ValueError(
+                f"{name} computes its step on whole parameters and has no optimizer state to shard: "
+                f"{type(strategy).__name__} is not supported; use ddp"
+            )
+
+    def configure_deepspeed(self) -> None:
+        """Manual optimisation under DeepSpeed: the micro-batches' gradients accumulate locally and
+        ``optimizer.step()`` reduces and applies them (``managed_gradient_accumulation: false``;
+        DeepSpeed's own counter would take every backward for a step of its own), and DeepSpeed
+        clips to ``max_grad_norm`` (Lightning leaves clipping to it)."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, DeepSpeedStrategy):
+            return
+        from deepspeed import DeepSpeedEngine
+
+        if not hasattr(DeepSpeedEngine, "managed_gradient_accumulation"):
+            raise ImportError(
+                f"{type(self).__name__} accumulates micro-batches before each optimizer step, which needs a "
+                "DeepSpeed with managed_gradient_accumulation (pip install -U deepspeed)"
+            )
+        strategy.config["managed_gradient_accumulation"] = False
+        strategy.config["gradient_clipping"] = self.max_grad_norm or 0.0
 
     # -- rollout ---------------------------------------------------------------------------------
     def _generator(self) -> torch.Generator:
@@ -113,10 +141,11 @@ class OnPolicyModule(PolicyModule):
         generator.manual_seed(derive_seed(self.seed, self.global_rank, self.global_step))
         return generator
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def token_logprobs(self, model: torch.nn.Module, rollout_inputs: dict[str, Tensor]) -> Tensor:
-        """Log-probs of the response tokens under ``model`` at the sampling temperature (in
-        inference mode: no graph, no version counting; callers copy them into ordinary tensors)."""
+        """Log-probs of the response tokens under ``model`` at the sampling temperature, without a
+        graph. (Not inference mode: FSDP2 keeps the parameters it gathers here for later calls
+        under autograd, which inference tensors would refuse.)"""
         return response_logprobs(
             model, rollout_inputs["input_ids"], rollout_inputs["response_mask"], rollout_inputs["attention_mask"],
             temperature=self.sampling.logprob_temperature, chunk_size=self.logprob_chunk_size,

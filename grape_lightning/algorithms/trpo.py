@@ -102,7 +102,9 @@ class TRPOModule(OnPolicyModule):
             (None: all of the rollout's).
     """
 
-    supports_fsdp2 = False  # the natural-gradient vector algebra works on whole parameter tensors
+    # The natural-gradient algebra (flat vectors, conjugate gradient, line search) works on whole
+    # parameter tensors, and there is no optimizer state for ZeRO to shard.
+    updates_sharded_parameters = False
 
     def __init__(
         self,

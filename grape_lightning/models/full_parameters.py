@@ -71,7 +71,11 @@ def _fsdp_full_parameters(root: nn.Module, target: nn.Module, forward: bool) -> 
 @contextmanager
 def _zero3_full_parameters(engine, target: nn.Module, forward: bool) -> Iterator[None]:
     import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import iter_params
+
+    try:
+        from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+    except ImportError:  # deepspeed < 0.16
+        from deepspeed.runtime.zero.partition_parameters import iter_params
 
     offload = engine.optimizer.parameter_offload
     with deepspeed.zero.GatheredParameters(list(target.parameters()), modifier_rank=None):
@@ -98,6 +102,10 @@ def _fsdp2_full_parameters(units: list[nn.Module], forward: bool) -> Iterator[No
         group = unit._get_fsdp_state()._fsdp_param_group
         return group is not None and group.post_forward_mesh_info is not None
 
+    groups = {}  # one module per unit: the modules of a grouped unit (tied embeddings) share its state
+    for unit in units:
+        groups.setdefault(id(unit._get_fsdp_state()), unit)
+    units = list(groups.values())
     after_forward = [reshards(unit) for unit in units]
     for unit in units:
         unit.unshard()  # an all-gather per unit, in the same order on every rank

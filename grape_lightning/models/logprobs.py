@@ -118,10 +118,26 @@ def _plain_linear_head(head: nn.Module) -> bool:
     """A bias-free linear head holding its whole weight (not an adapter, not a parameter shard)."""
     weight = getattr(head, "weight", None)
     return (
-        type(head) is nn.Linear and head.bias is None and weight is not None
+        type(head) is nn.Linear and head.bias is None and weight is not None  # not an FSDP2 unit (a subclass)
         and tuple(weight.shape) == (head.out_features, head.in_features)
         and type(weight.data) is torch.Tensor  # a DTensor shard (FSDP2) is gathered only by the module's own call
+        and not hasattr(weight, "ds_id")  # a ZeRO-3 parameter is gathered only by the module's own call
     )
+
+
+def _called_once_per_pass(model: nn.Module, head: nn.Module) -> bool:
+    """Heads whose module must be called once per log-prob pass, over all rows:
+    - a DeepSpeed ZeRO-3 head: each call gathers its weight (a collective), which every rank must
+      join equally often, whatever its number of response tokens;
+    - an FSDP2 head tied to the input embedding (one grouped unit,
+      :mod:`grape_lightning.models.sharding`): the group's hooks expect each module of the group
+      to run once per forward (torch 2.11 reshards the group on a second head call)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    weight = getattr(head, "weight", None)
+    if hasattr(weight, "ds_id"):
+        return True
+    return isinstance(head, FSDPModule) and weight is model.get_input_embeddings().weight
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -186,9 +202,13 @@ def response_logprobs(
             hidden=hidden if with_hidden else None,
         )
 
-    # any other head (soft-capped logits, an adapter, a sharded weight): checkpointed chunks
+    # any other head (soft-capped logits, an adapter, a sharded weight): checkpointed chunks, or one
+    # chunk of all rows (and one call even with none) where the sharding needs it
     pieces = []
-    for start in range(0, hidden_rows.shape[0], chunk_size):
+    num_rows = hidden_rows.shape[0]
+    if _called_once_per_pass(model, head):
+        chunk_size = num_rows = max(num_rows, 1)
+    for start in range(0, num_rows, chunk_size):
         args = (hidden_rows[start : start + chunk_size], target_rows[start : start + chunk_size], head, temperature, softcap)
         if torch.is_grad_enabled() and hidden_rows.requires_grad:
             pieces.append(checkpoint(_head_statistics, *args, use_reentrant=False))

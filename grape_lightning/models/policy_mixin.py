@@ -148,9 +148,10 @@ class PolicyModelsMixin:
             return compute(reference, *args, **kwargs)
 
     def reference_logprobs(self, batch: dict[str, Tensor], **kwargs: Any) -> Tensor:
-        """Log-probs under the frozen reference, computed in inference mode (no graph, no version
-        counting) and returned as an ordinary tensor, which a loss may save for its backward."""
-        with torch.inference_mode(), self.reference_model() as reference:
+        """Log-probs under the frozen reference, computed without a graph. (Not inference mode:
+        FSDP2 keeps the parameters it gathers here for later calls under autograd, which inference
+        tensors would refuse.)"""
+        with torch.no_grad(), self.reference_model() as reference:
             logprobs = response_logprobs(
                 reference,
                 batch["input_ids"],
@@ -159,7 +160,7 @@ class PolicyModelsMixin:
                 batch.get("position_ids"),
                 **kwargs,
             ).logprobs
-        return logprobs.clone()
+        return logprobs
 
     # -- export ---------------------------------------------------------------------------------
     def export_hf(self, directory: str | Path) -> Path:

@@ -11,8 +11,9 @@ LM head, ``model.get_output_embeddings()``, are called separately to compute log
 head, which stays gathered from its first forward to the backward, so that calls over further
 chunks of response tokens (a number that differs between ranks) gather nothing; a value head.
 Parameters left in no unit would be neither sharded nor synchronised, so every trained parameter
-goes into a unit. Tied input and output embeddings would need the trunk and the head in one unit
-whose forward the log-prob code never calls; they are refused (use DDP, FSDP1 or DeepSpeed).
+goes into a unit. Tied input and output embeddings (one matrix, e.g. Qwen2.5 up to 3B) make one unit
+of the two modules: gathered at the embedding's forward, kept gathered to the backward (like an
+untied head), so the head's calls find it whole and the two gradients reach one reduce-scatter.
 """
 
 from __future__ import annotations
@@ -29,20 +30,19 @@ def _decoder_layers(trunk: nn.Module) -> list[nn.Module]:
 
 
 def shard_causal_lm(model: nn.Module, mesh) -> None:
-    """``fully_shard`` the decoder layers, the trunk and (untied) the LM head of a Hugging Face causal LM."""
+    """``fully_shard`` the decoder layers, the trunk and the LM head of a Hugging Face causal LM
+    (the head and the input embedding as one unit when they share their matrix)."""
     from torch.distributed.fsdp import fully_shard
 
     trunk = model.base_model
     head = model.get_output_embeddings()
-    if head is not None and head.weight is model.get_input_embeddings().weight:
-        raise NotImplementedError(
-            f"FSDP2 sharding of {type(model).__name__} with tied input/output embeddings is not supported "
-            "(the trunk and the LM head are called separately); use strategy ddp, fsdp or deepspeed"
-        )
+    embedding = model.get_input_embeddings()
     for layer in _decoder_layers(trunk):
         fully_shard(layer, mesh=mesh)
+    if head is not None and head.weight is embedding.weight:
+        fully_shard([embedding, head], mesh=mesh, reshard_after_forward=False)
     fully_shard(trunk, mesh=mesh)
-    if head is not None:
+    if head is not None and head.weight is not embedding.weight:
         fully_shard(head, mesh=mesh, reshard_after_forward=False)
 
 

@@ -186,7 +186,18 @@ class StaticCacheDecoder:
         for index, layer in enumerate(self.layers):
             hidden = hidden + attend(index, layer, rms_norm(layer.input_layernorm, hidden), cos, sin)
             hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
-        return self.lm.lm_head(rms_norm(self.body.norm, hidden[:, -1]))
+        return self._logits(rms_norm(self.body.norm, hidden[:, -1]))
+
+    # The embedding and the LM head are applied to their weights, not called as modules: they may be
+    # FSDP2 units (tied, one grouped unit), whose hooks expect a training forward; generation holds
+    # their parameters gathered already (``full_parameters``).
+    def _embed(self, token_ids: Tensor) -> Tensor:
+        embedding = self.body.embed_tokens
+        return F.embedding(token_ids, embedding.weight) if isinstance(embedding, nn.Embedding) else embedding(token_ids)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        head = self.lm.lm_head
+        return F.linear(hidden, head.weight, head.bias) if isinstance(head, nn.Linear) else head(hidden)
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits [batch, vocab] after each prompt; fills the cache's first ``width`` slots."""
@@ -197,7 +208,7 @@ class StaticCacheDecoder:
         causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
         # a padding position attends to itself only: its output is never used, but must not be NaN
         mask = (causal & real[:, None, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device)
-        hidden = self.body.embed_tokens(input_ids)
+        hidden = self._embed(input_ids)
         return self._layers(
             hidden, positions_from_mask(attention_mask),
             lambda i, layer, h, cos, sin: self._prefill_attention(i, layer, h, cos, sin, mask),
@@ -208,7 +219,7 @@ class StaticCacheDecoder:
         # additive, built once per step for every layer (a boolean mask is converted in each call)
         mask = torch.zeros(self.slot_valid.shape, dtype=self.dtype, device=self.device)
         mask = mask.masked_fill_(~self.slot_valid, float("-inf"))[:, None, None, :]
-        hidden = self.body.embed_tokens(self.tokens[:, None])
+        hidden = self._embed(self.tokens[:, None])
         return self._layers(
             hidden, self.positions[:, None],
             lambda i, layer, h, cos, sin: self._decode_attention(i, layer, h, cos, sin, mask),
@@ -238,7 +249,9 @@ class StaticCacheDecoder:
                 self._step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: other threads of the process (pinned-memory data loading, the NCCL watchdog)
+        # keep making CUDA calls during the capture, which the default global mode would fail on
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.graph_logits = self._step()
 
 

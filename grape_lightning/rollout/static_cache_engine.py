@@ -73,6 +73,7 @@ class StaticCacheEngine:
         self._decoders: OrderedDict[tuple, StaticCacheDecoder] = OrderedDict()
         self._graph_pool: object | None = None
         self._warned = False
+        self.capture_failures = 0  # batch shapes decoded without a graph because their capture failed
 
     def release(self) -> None:
         """Free the caches and graphs (they are rebuilt on the next call)."""
@@ -92,14 +93,27 @@ class StaticCacheEngine:
             if self.compile:
                 decoder.compile()
             if graphs:
-                if self._graph_pool is None:
-                    self._graph_pool = torch.cuda.graph_pool_handle()
-                decoder.capture(self._graph_pool)
+                self._capture(decoder)
             self._decoders[key] = decoder
         else:
             decoder.refresh_weights()  # an optimizer step changed the weights in place since the last call
         self._decoders.move_to_end(key)
         return decoder
+
+    def _capture(self, decoder: StaticCacheDecoder) -> None:
+        """Record the decoder's step as a graph; if the capture fails (it is invalidated by work
+        that may not run during one, e.g. on the legacy default stream from another thread of the
+        process), decode this shape without a graph: slower, the same tokens."""
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        try:
+            decoder.capture(self._graph_pool)
+        except RuntimeError as error:  # torch.AcceleratorError: cudaErrorStreamCaptureInvalidated
+            decoder.graph = decoder.graph_logits = None
+            self._graph_pool = None  # the failed capture's pool is not reused
+            self.capture_failures += 1
+            warnings.warn(f"StaticCacheEngine: CUDA graph capture failed ({str(error).splitlines()[0]}); "
+                          "decoding this batch shape without a graph", stacklevel=3)
 
     @torch.no_grad()
     def generate(
