@@ -89,31 +89,18 @@ def build(algorithm: str, tiny: bool, workdir: Path, micro_batch_size: int = 64)
     return module, RolloutDataModule(task=task, group_size=group, batch_size=prompts, max_val_prompts=8)
 
 
-def trained_weights(trainer, module) -> dict:
+def trained_weights(module) -> dict:
     """The full trained weights on this rank, in float32 on the CPU (gathered where the strategy
     shards them; every rank must call it): the policy, or the reward model."""
-    import contextlib
-
     import torch
 
-    context = contextlib.nullcontext()
-    model = trainer.strategy.model
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    from grape_lightning.models.full_parameters import full_parameters
 
-        if isinstance(model, FullyShardedDataParallel):
-            context = FullyShardedDataParallel.summon_full_params(model, writeback=False)
-    except ImportError:
-        pass
-    if "deepspeed" in type(trainer.strategy).__name__.lower():
-        import deepspeed
-
-        context = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
     trained = module.policy if hasattr(module, "policy") else module.reward_model
     weights = {}
-    with context:
+    with full_parameters(module, trained, forward=False):
         for name, tensor in sorted(trained.state_dict().items()):
-            if hasattr(tensor, "full_tensor"):  # a DTensor (FSDP2)
+            if hasattr(tensor, "full_tensor"):  # a DTensor (FSDP2 state dicts stay sharded)
                 tensor = tensor.full_tensor()
             weights[name] = tensor.detach().to("cpu", torch.float32).clone()
     return weights
@@ -158,7 +145,7 @@ def worker(options: argparse.Namespace) -> None:
         enable_progress_bar=False, enable_model_summary=False, callbacks=[StepTimer()], default_root_dir=str(workdir),
     )
     trainer.fit(module, data)
-    weights = trained_weights(trainer, module)
+    weights = trained_weights(module)
     digests = [digest(weights)]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         digests = [None] * torch.distributed.get_world_size()
