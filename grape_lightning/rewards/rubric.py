@@ -20,8 +20,9 @@ by a reward model. Loaded from YAML with errors that name the file, the line and
 
 Check parameters: ``regex`` takes ``pattern``; ``json_schema`` takes ``schema`` (a JSON-schema
 object); ``python`` takes ``function`` ("package.module:function"); ``unit_tests`` takes ``tests``
-(Python source run after the response's code; otherwise the metadata's ``tests``) and
-``timeout`` (seconds); ``exact_match`` / ``numeric_match`` read ``answer_key`` (default "answer").
+(Python source run after the response's code; otherwise the metadata's ``tests``), ``timeout``
+(seconds), ``memory_mb`` and ``allow_unsandboxed`` (see :class:`~grape_lightning.rewards.UnitTests`:
+model output runs only inside an OS-level sandbox unless this is set); ``exact_match`` / ``numeric_match`` read ``answer_key`` (default "answer").
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 ItemKind = Literal["verifiable", "judged", "reward_model"]
 CHECKS = ("exact_match", "numeric_match", "regex", "json_schema", "python", "unit_tests")
 _ITEM_KEYS = {
-    "verifiable": {"check", "pattern", "schema", "function", "tests", "timeout", "answer_key", "tolerance"},
+    "verifiable": {"check", "pattern", "schema", "function", "tests", "timeout", "memory_mb", "allow_unsandboxed", "answer_key", "tolerance"},
     "judged": {"critic", "question"},
     "reward_model": {"path"},
 }

@@ -43,7 +43,10 @@ def verifier_for(item: RubricItem) -> RewardFunction:
         return JSONSchemaMatch(params["schema"])
     if check == "python":
         return PythonCallable(params["function"])
-    return UnitTests(tests=params.get("tests"), timeout=params.get("timeout", 10.0))
+    return UnitTests(
+        tests=params.get("tests"), timeout=params.get("timeout", 10.0), memory_mb=params.get("memory_mb", 1024),
+        allow_unsandboxed=params.get("allow_unsandboxed", False),
+    )
 
 
 class RubricScorer:
