@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def run_sandboxed(argv: list[str], stdin: bytes, timeout: float, limits: Sandbox
     working directory, feeding it ``stdin``; kill it and everything it started after ``timeout``
     seconds. ``sandboxed=False`` runs it with the same limits, directory and empty environment
     but without the namespaces: only for programs the user trusts."""
-    with tempfile.TemporaryDirectory(prefix="grape-sandbox-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="grape-sandbox-", ignore_cleanup_errors=True) as scratch:
         scratch_path = Path(scratch)
         work, new_root, output_path = scratch_path / "work", scratch_path / "root", scratch_path / "output"
         work.mkdir()
@@ -192,11 +193,33 @@ def _head_and_tail(path: Path, head: int = 4096, tail: int = 61440) -> str:
 
 
 def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL to the process group, then wait for ``unshare`` and for its child, pid 1 of the
+    namespace: the kernel kills the namespace's processes before pid 1 is gone, so after this
+    nothing the program started is running, and its directory can be removed."""
+    namespace_init = _children(process.pid)
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     process.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in namespace_init) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie's namespace is already empty)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 @functools.lru_cache(maxsize=None)
