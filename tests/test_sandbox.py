@@ -276,3 +276,22 @@ def test_tests_come_from_the_metadata_when_not_configured():
     verifier = UnitTests()
     responses = ["def add(a, b):\n    return a + b"] * 2
     assert verifier(["p", "p"], responses, [{"tests": ADD_TESTS}, {}]) == [1.0, None]
+
+
+def test_a_rubric_unit_tests_item_scores_through_the_sandbox(tmp_path):
+    """The way a GRAPE user meets it: a rubric YAML with a ``unit_tests`` item, tests per prompt."""
+    from grape_lightning.rewards.rubric import load_rubric
+    from grape_lightning.rewards.rubric_scorer import RubricScorer
+
+    rubric_path = tmp_path / "rubric.yaml"
+    rubric_path.write_text(textwrap.dedent("""
+        default_category: code
+        categories:
+          code:
+            - {name: tests_pass, weight: 1.0, kind: verifiable, check: unit_tests, timeout: 5, memory_mb: 512}
+    """))
+    scorer = RubricScorer(load_rubric(rubric_path))
+    responses = ["def add(a, b):\n    return a + b", "import sys\nsys.exit(0)", "def add(a, b):\n    return a + b"]
+    scores = scorer(["p"] * 3, responses, [{"tests": ADD_TESTS}, {"tests": ADD_TESTS}, {}])
+    assert scores.scores[:, 0].tolist() == [1.0, 0.0, 0.0]
+    assert scores.failed[:, 0].tolist() == [False, False, True]  # no tests for the third: not scored
