@@ -1,5 +1,9 @@
 """GRAPEModule: the GRPO special case, off-policy members of the sample set, learning."""
 
+import math
+import statistics
+import zlib
+
 import lightning as L
 import pytest
 import torch
@@ -7,9 +11,9 @@ import torch
 from grape_lightning.algorithms import GRAPEModule, GRPOModule, OffPolicyConfig, OptimizerConfig
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.models import ModelSpec
-from grape_lightning.rewards import NumericMatch
+from grape_lightning.rewards import NumericMatch, PythonCallable
 from grape_lightning.rewards.critics import CallableCritic
-from grape_lightning.rollout import RolloutDataModule, SamplingParams
+from grape_lightning.rollout import Rollout, RolloutDataModule, SamplingParams
 from tests.conftest import tiny_spec
 
 ONE_ITEM = """\
@@ -25,6 +29,20 @@ categories:
     - {name: correct, weight: 1.0, kind: verifiable, check: numeric_match}
     - {name: plain_number, weight: 0.5, kind: judged, critic: digits, question: "Is the response just a number?"}
 """
+
+FLAKY = """\
+default_category: math
+categories:
+  math:
+    - {name: flaky, weight: 1.0, kind: verifiable, check: python, function: "tests.test_grape:flaky_verifier"}
+"""
+
+
+def flaky_verifier(prompt, response, metadata):
+    """A deterministic verifier with scores spread over [0, 1] that cannot score about a third of
+    the responses (returns None)."""
+    code = zlib.crc32(f"{prompt}|{response}".encode())
+    return None if code % 3 == 0 else (code % 1009) / 1008
 
 
 def digits(request):
@@ -72,6 +90,99 @@ def test_one_verifiable_item_with_std_scaling_is_exactly_grpo(tmp_path):
     _trainer(tmp_path / "b", 4).fit(grpo, _datamodule())
     for a, b in zip(grape.policy.parameters(), grpo.policy.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _rows(rollout, keep):
+    """The rollout restricted to the rows ``keep``: what it would be had the others not been sampled."""
+    index = keep.nonzero().flatten()
+    take = lambda values: None if values is None else values[index]  # noqa: E731
+    return Rollout(
+        input_ids=take(rollout.input_ids), attention_mask=take(rollout.attention_mask), response_mask=take(rollout.response_mask),
+        old_logprobs=take(rollout.old_logprobs), rewards=take(rollout.rewards), valid=take(rollout.valid),
+        groups=take(rollout.groups), prompts=[rollout.prompts[i] for i in index.tolist()],
+        responses=[rollout.responses[i] for i in index.tolist()], metadata=[rollout.metadata[i] for i in index.tolist()],
+        ref_logprobs=take(rollout.ref_logprobs), off_policy=take(rollout.off_policy),
+    )
+
+
+def _evaluated_update(module, rollout):
+    """Run ``module.update`` with each step evaluated instead of taken: per step, the loss and the
+    gradient of every parameter (the micro-batches' sum, as the optimizer would see it)."""
+    steps = []
+
+    def evaluate(index, micro_loss):
+        module.policy.zero_grad(set_to_none=False)
+        loss = 0.0
+        for micro in index.split(module.micro_batch_size):
+            micro_value = micro_loss(micro)
+            micro_value.backward()
+            loss += float(micro_value.detach())
+        steps.append((loss, [p.grad.detach().clone() for p in module.policy.parameters()]))
+
+    module.optimizer_step_over = evaluate
+    module.log_metrics = lambda metrics, prefix="train/": None
+    module.update(rollout)
+    return steps
+
+
+def _hand_advantages(rewards, groups, baseline, scaling):
+    """Float64 loops over the scored members of each group (an unscored response is not there)."""
+    out = [0.0] * len(rewards)
+    for g in set(groups):
+        members = [i for i in range(len(rewards)) if groups[i] == g and not math.isnan(rewards[i])]
+        values = [rewards[i] for i in members]
+        std = statistics.stdev(values) if len(values) >= 2 else 0.0
+        for i in members:
+            others = [rewards[j] for j in members if j != i]
+            b = math.fsum(values) / len(values) if baseline == "mean" else (math.fsum(others) / len(others) if others else rewards[i])
+            out[i] = (rewards[i] - b) / (std + 1e-4 if scaling == "group" else 1.0)
+    return out
+
+
+@pytest.mark.parametrize("baseline, scaling", [("mean", "group"), ("mean", "none"), ("leave_one_out", "none"), ("leave_one_out", "group")])
+def test_unscored_responses_leave_the_update_as_in_grpo(tmp_path, baseline, scaling):
+    """One verifiable item of weight 1 whose verifier returns None for some responses: GRAPE's
+    advantages, loss and gradients are those of the rollout without those responses (GRPO's
+    semantics), and with the mean baseline exactly GRPOModule's (float64, to 1e-12)."""
+    options = dict(sampling=SamplingParams(max_new_tokens=4, temperature=1.0), beta=0.05, reward_scaling=scaling, micro_batch_size=6)
+    L.seed_everything(0)
+    grape = GRAPEModule(tiny_spec(dtype="float64"), rubric=_write(tmp_path, FLAKY), baseline=baseline, **options)
+    datamodule = _datamodule(group_size=5)
+    datamodule.set_tokenizer(grape.tokenizer)
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    rollout = grape.collect_rollout(batch)
+    verified = [flaky_verifier(p, r, m) for p, r, m in zip(rollout.prompts, rollout.responses, rollout.metadata)]
+    rewards, groups = [math.nan if v is None else v for v in verified], rollout.groups.tolist()
+    assert rollout.rewards.tolist() == pytest.approx(rewards, nan_ok=True, abs=1e-15)
+    unscored = ~rollout.valid
+    assert unscored.any() and any(  # a set with an unscored member and at least two scored ones
+        unscored[rollout.groups == g].any() and (~unscored[rollout.groups == g]).sum() >= 2 for g in range(4)
+    )
+
+    advantages = grape.advantages(rollout)
+    torch.testing.assert_close(advantages, torch.tensor(_hand_advantages(rewards, groups, baseline, scaling), dtype=torch.float64), rtol=0, atol=1e-12)
+    assert (advantages[unscored] == 0).all()
+    scored_only = _rows(rollout, rollout.valid)
+    torch.testing.assert_close(advantages[rollout.valid], grape.advantages(scored_only), rtol=0, atol=1e-12)
+
+    steps = _evaluated_update(grape, rollout)
+    grape.last_rubric_scores = None  # the per-item metrics belong to the full rollout
+    expected_steps = _evaluated_update(grape, scored_only)
+    if baseline == "mean":
+        L.seed_everything(0)
+        grpo = GRPOModule(tiny_spec(dtype="float64"), rewards=[PythonCallable("tests.test_grape:flaky_verifier")], **options)
+        theirs = grpo.collect_rollout(batch)
+        assert torch.equal(theirs.input_ids, rollout.input_ids) and torch.equal(theirs.valid, rollout.valid)
+        torch.testing.assert_close(grpo.advantages(theirs), advantages, rtol=0, atol=1e-12)
+        expected_steps += _evaluated_update(grpo, theirs)
+    assert len(steps) == 1 and len(expected_steps) in (1, 2)
+    (loss, gradients) = steps[0]
+    for expected_loss, expected_gradients in expected_steps:
+        assert abs(loss - expected_loss) < 1e-12
+        for got, want in zip(gradients, expected_gradients):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert any(g.abs().max() > 1e-6 for g in gradients)  # the comparison is not between zeros
 
 
 def test_reference_answers_join_the_sample_set(tmp_path):

@@ -79,12 +79,18 @@ class GRAPEModule(GRPOModule):
     category's rubric gets a score s_ik and a confidence c_ik (verifiable items c = 1; judged
     items from a critic; reward-model items s = sigmoid(r), c = 1). Then
 
-        omega_k = w_k * mean_i c_ik,        r_i = sum_k omega_k s_ik / sum_k omega_k
+        omega_k = w_k * mean_i c_ik,        r_i = sum_{k in J_i} omega_k s_ik / sum_{k in J_i} omega_k
         A_i     = r_i - b_i,  b_i = mean_j r_j ("mean") or the mean of the others ("leave_one_out"),
                   divided by the std of the set (``reward_scaling="group"``), of the batch, or not ("none")
 
-    and the update is GRPO's clipped surrogate with KL to the reference (the same loss code).
-    With one verifiable item of weight 1, mean baseline and group scaling it is exactly GRPO.
+    where J_i are the items that could be scored for response i (a verifier that returns None or
+    a critic that fails scores nothing). A response with no scored item has no reward: like an
+    unscored response in GRPO it leaves the update, takes no part in the set's mean, std or
+    leave-one-out baselines, and adds neither KL nor normaliser weight (see
+    :func:`~grape_lightning.rewards.confidence_weighting.confidence_weighted_rewards`). The stds
+    are unbiased (n - 1), as GRPO's. The update is GRPO's clipped surrogate with KL to the
+    reference (the same loss code). With one verifiable item of weight 1, mean baseline and group
+    scaling it is exactly GRPO, also when the verifier fails on some responses.
 
     Logged per item (``rubric/<category>/<item>/...``): mean score, mean confidence, spread (std
     of scores within a sample set, averaged over sets), critic failures; per response, the sample
