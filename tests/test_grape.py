@@ -185,6 +185,21 @@ def test_unscored_responses_leave_the_update_as_in_grpo(tmp_path, baseline, scal
     assert any(g.abs().max() > 1e-6 for g in gradients)  # the comparison is not between zeros
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "grape"])
+def test_k1_kl_in_the_loss_is_refused(tmp_path, algorithm):
+    """k1's loss term has zero expected gradient (tests/test_rl_losses.py); with beta = 0 the KL
+    is not in the loss and any estimator is accepted."""
+    def make(**options):
+        if algorithm == "grpo":
+            return GRPOModule(tiny_spec(), rewards=[NumericMatch()], **options)
+        return GRAPEModule(tiny_spec(), rubric=_write(tmp_path, ONE_ITEM), **options)
+
+    with pytest.raises(ValueError, match="'k1' cannot be a loss term.*Use 'k3'.*or 'k2'"):
+        make(kl_estimator="k1", beta=0.04)
+    assert make(kl_estimator="k1", beta=0.0).reference is None
+    assert make(kl_estimator="k2", beta=0.04).kl_estimator == "k2"
+
+
 def test_reference_answers_join_the_sample_set(tmp_path):
     module = GRAPEModule(
         tiny_spec(), rubric=_write(tmp_path, ONE_ITEM), sampling=SamplingParams(max_new_tokens=4),

@@ -12,7 +12,7 @@ from grape_lightning.algorithms.on_policy import OnPolicyModule, RunningMeans
 from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.losses.aggregation import Aggregation
 from grape_lightning.losses.grpo import grpo_loss
-from grape_lightning.losses.kl import KLEstimator
+from grape_lightning.losses.kl import KLEstimator, check_loss_estimator
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.base import RewardFunction
 from grape_lightning.rollout.batch import Rollout
@@ -27,6 +27,10 @@ class GRPOModule(OnPolicyModule):
 
         A_i = (r_i - mean_group r) / (std + eps)        (std of the group, of the batch, or 1)
         L   = agg_{i,t} [ -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta KL_k3 ]
+
+    with ``group`` scaling by the unbiased (n - 1) std of the group's valid rewards (``batch``: of
+    every valid reward of the batch). ``kl_estimator`` is k3 (gradient of KL(ref || pi)) or k2
+    (gradient of KL(pi || ref)); k1 is refused, since in a loss its expected gradient is 0.
 
     Per rollout batch: ``num_iterations`` passes, each over shuffled mini-batches of
     ``mini_batch_size`` sequences (all at once when None), one optimizer step per mini-batch, so
@@ -64,6 +68,8 @@ class GRPOModule(OnPolicyModule):
         logprob_chunk_size: int = 1024,
         seed: int = 0,
     ) -> None:
+        if beta != 0:
+            check_loss_estimator(kl_estimator)  # before building any model
         super().__init__(
             policy, rewards, sampling, optimizer, reference=beta > 0, micro_batch_size=micro_batch_size,
             max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
