@@ -105,9 +105,10 @@ def _rows(rollout, keep):
     )
 
 
-def _evaluated_update(module, rollout):
+def _evaluated_update(module, rollout, logged=None):
     """Run ``module.update`` with each step evaluated instead of taken: per step, the loss and the
-    gradient of every parameter (the micro-batches' sum, as the optimizer would see it)."""
+    gradient of every parameter (the micro-batches' sum, as the optimizer would see it). The
+    logged metrics go to ``logged`` (a dict) when given."""
     steps = []
 
     def evaluate(index, micro_loss):
@@ -120,7 +121,7 @@ def _evaluated_update(module, rollout):
         steps.append((loss, [p.grad.detach().clone() for p in module.policy.parameters()]))
 
     module.optimizer_step_over = evaluate
-    module.log_metrics = lambda metrics, prefix="train/": None
+    module.log_metrics = lambda metrics, prefix="train/": (logged if logged is not None else {}).update(metrics)
     module.update(rollout)
     return steps
 
@@ -228,6 +229,51 @@ def test_reference_answers_join_the_sample_set(tmp_path):
     assert torch.equal(trained[extra], advantages[extra] > 0)
     module.off_policy.treatment = "baseline_only"
     assert not module.trained_rows(rollout, advantages, torch.zeros(4, dtype=torch.bool))[extra].any()
+
+
+def test_off_policy_rows_have_no_sampler_logprobs_and_stay_out_of_the_kl_metric(tmp_path):
+    """Reference answers join the sets (all trained): their sampler log-probs are NaN, the logged
+    KL averages the policy's own samples only, and the loss still carries the off-policy rows'
+    KL term (float64 loops at the first step, where every ratio is 1)."""
+    L.seed_everything(0)
+    beta = 0.05
+    module = GRAPEModule(
+        tiny_spec(dtype="float64"), rubric=_write(tmp_path, ONE_ITEM), sampling=SamplingParams(max_new_tokens=4),
+        off_policy=OffPolicyConfig(reference_answers=True, treatment="all"), beta=beta,
+    )
+    with torch.no_grad():  # move the policy away from the reference: a KL of 0 would prove nothing
+        for parameter in module.policy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    datamodule = _datamodule()
+    datamodule.set_tokenizer(module.tokenizer)
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    batch["metadata"] = [{**m, "answer": "1"} if i % 3 == 0 else m for i, m in enumerate(batch["metadata"])]
+    rollout = module.collect_rollout(batch)
+    extra, mask = rollout.off_policy, rollout.response_mask
+    assert extra.sum() == 4 and rollout.valid.all()
+    assert torch.isnan(rollout.sampling_logprobs[extra][mask[extra]]).all()
+    assert (rollout.sampling_logprobs[extra][~mask[extra]] == 0).all()
+    assert torch.isfinite(rollout.sampling_logprobs[~extra]).all()
+
+    logged = {}
+    (loss, _), = _evaluated_update(module, rollout, logged)
+    with torch.no_grad():
+        index = torch.arange(len(rollout))
+        inputs = rollout.model_inputs(index)
+        logprobs = module.policy_logprobs(inputs, temperature=module.sampling.logprob_temperature).logprobs.tolist()
+    ref, rows_mask = rollout.take("ref_logprobs", index).tolist(), inputs["response_mask"].tolist()
+    advantages = module.advantages(rollout).tolist()
+    per_row_kl = []
+    for row in range(len(rollout)):
+        terms = [math.exp(r - l) - (r - l) - 1 for l, r, m in zip(logprobs[row], ref[row], rows_mask[row]) if m]
+        per_row_kl.append(math.fsum(terms) / len(terms))
+    on_policy = [row for row in range(len(rollout)) if not extra[row]]
+    expected_kl = math.fsum(per_row_kl[row] for row in on_policy) / len(on_policy)
+    all_rows_kl = math.fsum(per_row_kl) / len(rollout)
+    assert abs(logged["kl"] - expected_kl) < 1e-12 and abs(expected_kl - all_rows_kl) > 1e-4
+    expected_loss = math.fsum(-a + beta * k for a, k in zip(advantages, per_row_kl)) / len(rollout)
+    assert abs(loss - expected_loss) < 1e-12
 
 
 def test_per_item_metrics_and_sample_details(tmp_path):

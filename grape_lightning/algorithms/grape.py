@@ -40,13 +40,29 @@ class OffPolicyConfig:
       or an earlier checkpoint); every row whose prompt matches is added.
 
     They are scored like the samples and always count in the baseline. In the update each enters
-    the clipped surrogate with ratio pi_theta / pi_old (pi_old's log-probs are computed for it,
-    since no behaviour policy is known), according to ``treatment``:
+    the clipped surrogate according to ``treatment``:
 
     - ``positive_only`` (default): only with an advantage > 0: learn from off-policy answers that
       beat the policy's average, never push down an answer the policy did not produce;
     - ``all``: always;
     - ``baseline_only``: never (they only shape the baseline).
+
+    Their ratio and its bias. An off-policy response y comes from a behaviour policy mu (the
+    dataset, another model) whose probabilities are unknown, so no sampler log-probs exist for it
+    (stored as NaN) and its ratio is formed against pi_old: rho_t = pi_theta(y_t) / pi_old(y_t),
+    pi_old's log-probs computed by a forward pass (rho = 1 at the first step, as for the samples).
+    Its surrogate gradient is A grad log pi_theta(y) (within the clip range): the row counts as if
+    pi_old had sampled it, without the importance weight pi_old(y) / mu(y) that would make it an
+    unbiased term of the policy gradient. The update is thus biased towards the off-policy
+    answers by how often they are added, not how likely pi_old is to produce them: with
+    ``positive_only`` it is advantage-weighted supervised learning on the answers that beat the
+    set. The clip bounds pi_theta / pi_old, not pi_theta / mu: it limits how far one rollout moves
+    pi on those tokens, however unlikely pi_old found them.
+
+    With beta > 0 their tokens also carry the KL term in the loss. There it is no estimate of
+    KL(pi || ref) (pi did not sample them) but a per-token penalty, 0 with 0 gradient where
+    l = l_ref, that keeps pi's log-probs of those tokens near the reference's; ``train/kl``
+    leaves them out and averages the policy's own samples only.
     """
 
     reference_answers: bool = False
@@ -167,11 +183,13 @@ class GRAPEModule(GRPOModule):
         extra_attention = torch.cat([generation.attention_mask[rows, :width], response_mask.long()], dim=1)
         extra_response_mask = torch.cat([torch.zeros_like(response_mask[:, :0]).new_zeros(len(rows), width), response_mask], dim=1)
         pad = self.tokenizer.pad_token_id
+        # no sampler produced these responses: their sampling log-probs do not exist
+        missing_logprobs = torch.where(widen(extra_response_mask, False), float("nan"), 0.0).to(generation.logprobs.dtype)
         extended = Generation(
             input_ids=torch.cat([widen(generation.input_ids, pad), widen(extra_ids, pad)]),
             attention_mask=torch.cat([widen(generation.attention_mask, 0), widen(extra_attention, 0)]),
             response_mask=torch.cat([widen(generation.response_mask, False), widen(extra_response_mask, False)]),
-            logprobs=torch.cat([widen(generation.logprobs, 0.0), generation.logprobs.new_zeros(len(rows), total)]),
+            logprobs=torch.cat([widen(generation.logprobs, 0.0), missing_logprobs]),
             prompt_width=width,
             finished=torch.cat([generation.finished, torch.ones(len(rows), dtype=torch.bool, device=rows.device)]),
         )
