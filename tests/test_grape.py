@@ -95,7 +95,10 @@ def test_one_verifiable_item_with_std_scaling_is_exactly_grpo(tmp_path):
 def _rows(rollout, keep):
     """The rollout restricted to the rows ``keep``: what it would be had the others not been sampled."""
     index = keep.nonzero().flatten()
-    take = lambda values: None if values is None else values[index]  # noqa: E731
+
+    def take(values):
+        return None if values is None else values[index]
+
     return Rollout(
         input_ids=take(rollout.input_ids), attention_mask=take(rollout.attention_mask), response_mask=take(rollout.response_mask),
         old_logprobs=take(rollout.old_logprobs), rewards=take(rollout.rewards), valid=take(rollout.valid),
