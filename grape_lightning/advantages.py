@@ -3,6 +3,13 @@
 Rewards are per sequence ([batch]); ``groups[i]`` is the index of the prompt that response i
 answers (responses of one prompt share it). ``valid[i]`` is False for a reward that could not be
 computed: such a response takes no part in any statistic and gets advantage 0.
+
+Two standard deviations, on purpose. Group and batch scaling of sequence rewards (GRPO, GRAPE,
+TRPO) divide by the unbiased std, sqrt(sum (r - mean)^2 / (n - 1)), as GRPO does (``torch.std``):
+its groups are small, where the two differ (sqrt(n / (n - 1)) = 1.155 for n = 4). Whitening of
+PPO's per-token advantages and its reward scale use the population std, sqrt(M2 / n), as PPO
+implementations do: over the tokens of a batch the two agree to a fraction of a percent, and
+whitened values then have mean square exactly 1. Each function names the one it uses.
 """
 
 from __future__ import annotations
@@ -55,7 +62,10 @@ def group_relative_advantages(
 ) -> Tensor:
     """GRPO: A_i = (r_i - mean_{g(i)} r) / (std + eps), std of the group, of the batch, or 1 (none).
 
-    ``scaling="none"`` is Dr. GRPO's unscaled advantage r_i - mean_group r.
+    The std is the unbiased one, sqrt(sum (r - mean)^2 / (n - 1)) over the n valid rewards of the
+    group (of the batch), 0 for a group of one; not :func:`whiten`'s population std. With
+    eps = 0 a group's advantages have unbiased std 1. ``scaling="none"`` is Dr. GRPO's unscaled
+    advantage r_i - mean_group r.
     """
     valid = _valid(rewards, valid)
     stats = group_statistics(rewards, groups, valid)
@@ -110,9 +120,12 @@ def masked_moments(values: Tensor, mask: Tensor, sum_across: SumAcross = _this_p
 
 
 def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, sum_across: SumAcross = _this_process) -> Tensor:
-    """(v - mean) / std over the entries where ``mask`` is set (padding ignored), of every
+    """(v - mean) / (std + eps) over the entries where ``mask`` is set (padding ignored), of every
     process with ``sum_across`` (see :func:`masked_moments`); zeros elsewhere.
 
+    The std is the population one, sqrt(M2 / n) over the n masked entries (1 for n <= 1), so the
+    whitened entries have mean 0 and mean square 1; not the unbiased std of
+    :func:`group_relative_advantages` (see the module docstring).
     ``shift_mean=False`` only rescales (keeps the sign of every advantage).
     """
     mask = mask.bool()

@@ -141,6 +141,24 @@ def test_std_is_unbiased():
     assert stats.std.item() == pytest.approx(math.sqrt(5.0 / 3.0), abs=1e-15)  # n - 1, not n (sqrt(1.25))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_group_scaling_uses_the_unbiased_std_and_whitening_the_population_std(seed):
+    """The two conventions the module docstring names: on one group, with eps = 0, group scaling
+    divides by sqrt(M2 / (n - 1)) and whitening by sqrt(M2 / n), so whiten = group * sqrt(n / (n - 1))."""
+    rng = random.Random(seed)
+    n = rng.randint(2, 9)
+    xs = [rng.uniform(-3.0, 3.0) for _ in range(n)]
+    mean = math.fsum(xs) / n
+    m2 = math.fsum((x - mean) ** 2 for x in xs)
+    rewards = torch.tensor(xs, dtype=torch.float64)
+    grouped = group_relative_advantages(rewards, torch.zeros(n, dtype=torch.long), scaling="group", eps=0.0)
+    whitened = whiten(rewards, torch.ones(n, dtype=torch.bool), eps=0.0)
+    for x, g, w in zip(xs, grouped.tolist(), whitened.tolist()):
+        assert g == pytest.approx((x - mean) / math.sqrt(m2 / (n - 1)), abs=1e-12)
+        assert w == pytest.approx((x - mean) / math.sqrt(m2 / n), abs=1e-12)
+        assert w == pytest.approx(g * math.sqrt(n / (n - 1)), abs=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("value", [0.0, 1.0, 0.1, 0.7, 1.0 / 3.0, -2.9])
 @pytest.mark.parametrize("size", [2, 3, 7, 16])

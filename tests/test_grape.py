@@ -1,5 +1,9 @@
 """GRAPEModule: the GRPO special case, off-policy members of the sample set, learning."""
 
+import math
+import statistics
+import zlib
+
 import lightning as L
 import pytest
 import torch
@@ -7,9 +11,9 @@ import torch
 from grape_lightning.algorithms import GRAPEModule, GRPOModule, OffPolicyConfig, OptimizerConfig
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.models import ModelSpec
-from grape_lightning.rewards import NumericMatch
+from grape_lightning.rewards import NumericMatch, PythonCallable
 from grape_lightning.rewards.critics import CallableCritic
-from grape_lightning.rollout import RolloutDataModule, SamplingParams
+from grape_lightning.rollout import Rollout, RolloutDataModule, SamplingParams
 from tests.conftest import tiny_spec
 
 ONE_ITEM = """\
@@ -25,6 +29,20 @@ categories:
     - {name: correct, weight: 1.0, kind: verifiable, check: numeric_match}
     - {name: plain_number, weight: 0.5, kind: judged, critic: digits, question: "Is the response just a number?"}
 """
+
+FLAKY = """\
+default_category: math
+categories:
+  math:
+    - {name: flaky, weight: 1.0, kind: verifiable, check: python, function: "tests.test_grape:flaky_verifier"}
+"""
+
+
+def flaky_verifier(prompt, response, metadata):
+    """A deterministic verifier with scores spread over [0, 1] that cannot score about a third of
+    the responses (returns None)."""
+    code = zlib.crc32(f"{prompt}|{response}".encode())
+    return None if code % 3 == 0 else (code % 1009) / 1008
 
 
 def digits(request):
@@ -74,6 +92,118 @@ def test_one_verifiable_item_with_std_scaling_is_exactly_grpo(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _rows(rollout, keep):
+    """The rollout restricted to the rows ``keep``: what it would be had the others not been sampled."""
+    index = keep.nonzero().flatten()
+
+    def take(values):
+        return None if values is None else values[index]
+
+    return Rollout(
+        input_ids=take(rollout.input_ids), attention_mask=take(rollout.attention_mask), response_mask=take(rollout.response_mask),
+        old_logprobs=take(rollout.old_logprobs), rewards=take(rollout.rewards), valid=take(rollout.valid),
+        groups=take(rollout.groups), prompts=[rollout.prompts[i] for i in index.tolist()],
+        responses=[rollout.responses[i] for i in index.tolist()], metadata=[rollout.metadata[i] for i in index.tolist()],
+        ref_logprobs=take(rollout.ref_logprobs), off_policy=take(rollout.off_policy),
+    )
+
+
+def _evaluated_update(module, rollout, logged=None):
+    """Run ``module.update`` with each step evaluated instead of taken: per step, the loss and the
+    gradient of every parameter (the micro-batches' sum, as the optimizer would see it). The
+    logged metrics go to ``logged`` (a dict) when given."""
+    steps = []
+
+    def evaluate(index, micro_loss):
+        module.policy.zero_grad(set_to_none=False)
+        loss = 0.0
+        for micro in index.split(module.micro_batch_size):
+            micro_value = micro_loss(micro)
+            micro_value.backward()
+            loss += float(micro_value.detach())
+        steps.append((loss, [p.grad.detach().clone() for p in module.policy.parameters()]))
+
+    module.optimizer_step_over = evaluate
+    module.log_metrics = lambda metrics, prefix="train/": (logged if logged is not None else {}).update(metrics)
+    module.update(rollout)
+    return steps
+
+
+def _hand_advantages(rewards, groups, baseline, scaling):
+    """Float64 loops over the scored members of each group (an unscored response is not there)."""
+    out = [0.0] * len(rewards)
+    for g in set(groups):
+        members = [i for i in range(len(rewards)) if groups[i] == g and not math.isnan(rewards[i])]
+        values = [rewards[i] for i in members]
+        std = statistics.stdev(values) if len(values) >= 2 else 0.0
+        for i in members:
+            others = [rewards[j] for j in members if j != i]
+            b = math.fsum(values) / len(values) if baseline == "mean" else (math.fsum(others) / len(others) if others else rewards[i])
+            out[i] = (rewards[i] - b) / (std + 1e-4 if scaling == "group" else 1.0)
+    return out
+
+
+@pytest.mark.parametrize("baseline, scaling", [("mean", "group"), ("mean", "none"), ("leave_one_out", "none"), ("leave_one_out", "group")])
+def test_unscored_responses_leave_the_update_as_in_grpo(tmp_path, baseline, scaling):
+    """One verifiable item of weight 1 whose verifier returns None for some responses: GRAPE's
+    advantages, loss and gradients are those of the rollout without those responses (GRPO's
+    semantics), and with the mean baseline exactly GRPOModule's (float64, to 1e-12)."""
+    options = dict(sampling=SamplingParams(max_new_tokens=4, temperature=1.0), beta=0.05, reward_scaling=scaling, micro_batch_size=6)
+    L.seed_everything(0)
+    grape = GRAPEModule(tiny_spec(dtype="float64"), rubric=_write(tmp_path, FLAKY), baseline=baseline, **options)
+    datamodule = _datamodule(group_size=5)
+    datamodule.set_tokenizer(grape.tokenizer)
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    rollout = grape.collect_rollout(batch)
+    verified = [flaky_verifier(p, r, m) for p, r, m in zip(rollout.prompts, rollout.responses, rollout.metadata)]
+    rewards, groups = [math.nan if v is None else v for v in verified], rollout.groups.tolist()
+    assert rollout.rewards.tolist() == pytest.approx(rewards, nan_ok=True, abs=1e-15)
+    unscored = ~rollout.valid
+    assert unscored.any() and any(  # a set with an unscored member and at least two scored ones
+        unscored[rollout.groups == g].any() and (~unscored[rollout.groups == g]).sum() >= 2 for g in range(4)
+    )
+
+    advantages = grape.advantages(rollout)
+    torch.testing.assert_close(advantages, torch.tensor(_hand_advantages(rewards, groups, baseline, scaling), dtype=torch.float64), rtol=0, atol=1e-12)
+    assert (advantages[unscored] == 0).all()
+    scored_only = _rows(rollout, rollout.valid)
+    torch.testing.assert_close(advantages[rollout.valid], grape.advantages(scored_only), rtol=0, atol=1e-12)
+
+    steps = _evaluated_update(grape, rollout)
+    grape.last_rubric_scores = None  # the per-item metrics belong to the full rollout
+    expected_steps = _evaluated_update(grape, scored_only)
+    if baseline == "mean":
+        L.seed_everything(0)
+        grpo = GRPOModule(tiny_spec(dtype="float64"), rewards=[PythonCallable("tests.test_grape:flaky_verifier")], **options)
+        theirs = grpo.collect_rollout(batch)
+        assert torch.equal(theirs.input_ids, rollout.input_ids) and torch.equal(theirs.valid, rollout.valid)
+        torch.testing.assert_close(grpo.advantages(theirs), advantages, rtol=0, atol=1e-12)
+        expected_steps += _evaluated_update(grpo, theirs)
+    assert len(steps) == 1 and len(expected_steps) in (1, 2)
+    (loss, gradients) = steps[0]
+    for expected_loss, expected_gradients in expected_steps:
+        assert abs(loss - expected_loss) < 1e-12
+        for got, want in zip(gradients, expected_gradients):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert any(g.abs().max() > 1e-6 for g in gradients)  # the comparison is not between zeros
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "grape"])
+def test_k1_kl_in_the_loss_is_refused(tmp_path, algorithm):
+    """k1's loss term has zero expected gradient (tests/test_rl_losses.py); with beta = 0 the KL
+    is not in the loss and any estimator is accepted."""
+    def make(**options):
+        if algorithm == "grpo":
+            return GRPOModule(tiny_spec(), rewards=[NumericMatch()], **options)
+        return GRAPEModule(tiny_spec(), rubric=_write(tmp_path, ONE_ITEM), **options)
+
+    with pytest.raises(ValueError, match="'k1' cannot be a loss term.*Use 'k3'.*or 'k2'"):
+        make(kl_estimator="k1", beta=0.04)
+    assert make(kl_estimator="k1", beta=0.0).reference is None
+    assert make(kl_estimator="k2", beta=0.04).kl_estimator == "k2"
+
+
 def test_reference_answers_join_the_sample_set(tmp_path):
     module = GRAPEModule(
         tiny_spec(), rubric=_write(tmp_path, ONE_ITEM), sampling=SamplingParams(max_new_tokens=4),
@@ -102,6 +232,51 @@ def test_reference_answers_join_the_sample_set(tmp_path):
     assert torch.equal(trained[extra], advantages[extra] > 0)
     module.off_policy.treatment = "baseline_only"
     assert not module.trained_rows(rollout, advantages, torch.zeros(4, dtype=torch.bool))[extra].any()
+
+
+def test_off_policy_rows_have_no_sampler_logprobs_and_stay_out_of_the_kl_metric(tmp_path):
+    """Reference answers join the sets (all trained): their sampler log-probs are NaN, the logged
+    KL averages the policy's own samples only, and the loss still carries the off-policy rows'
+    KL term (float64 loops at the first step, where every ratio is 1)."""
+    L.seed_everything(0)
+    beta = 0.05
+    module = GRAPEModule(
+        tiny_spec(dtype="float64"), rubric=_write(tmp_path, ONE_ITEM), sampling=SamplingParams(max_new_tokens=4),
+        off_policy=OffPolicyConfig(reference_answers=True, treatment="all"), beta=beta,
+    )
+    with torch.no_grad():  # move the policy away from the reference: a KL of 0 would prove nothing
+        for parameter in module.policy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    datamodule = _datamodule()
+    datamodule.set_tokenizer(module.tokenizer)
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    batch["metadata"] = [{**m, "answer": "1"} if i % 3 == 0 else m for i, m in enumerate(batch["metadata"])]
+    rollout = module.collect_rollout(batch)
+    extra, mask = rollout.off_policy, rollout.response_mask
+    assert extra.sum() == 4 and rollout.valid.all()
+    assert torch.isnan(rollout.sampling_logprobs[extra][mask[extra]]).all()
+    assert (rollout.sampling_logprobs[extra][~mask[extra]] == 0).all()
+    assert torch.isfinite(rollout.sampling_logprobs[~extra]).all()
+
+    logged = {}
+    (loss, _), = _evaluated_update(module, rollout, logged)
+    with torch.no_grad():
+        index = torch.arange(len(rollout))
+        inputs = rollout.model_inputs(index)
+        logprobs = module.policy_logprobs(inputs, temperature=module.sampling.logprob_temperature).logprobs.tolist()
+    ref, rows_mask = rollout.take("ref_logprobs", index).tolist(), inputs["response_mask"].tolist()
+    advantages = module.advantages(rollout).tolist()
+    per_row_kl = []
+    for row in range(len(rollout)):
+        terms = [math.exp(r - l) - (r - l) - 1 for l, r, m in zip(logprobs[row], ref[row], rows_mask[row]) if m]
+        per_row_kl.append(math.fsum(terms) / len(terms))
+    on_policy = [row for row in range(len(rollout)) if not extra[row]]
+    expected_kl = math.fsum(per_row_kl[row] for row in on_policy) / len(on_policy)
+    all_rows_kl = math.fsum(per_row_kl) / len(rollout)
+    assert abs(logged["kl"] - expected_kl) < 1e-12 and abs(expected_kl - all_rows_kl) > 1e-4
+    expected_loss = math.fsum(-a + beta * k for a, k in zip(advantages, per_row_kl)) / len(rollout)
+    assert abs(loss - expected_loss) < 1e-12
 
 
 def test_per_item_metrics_and_sample_details(tmp_path):

@@ -170,6 +170,59 @@ def test_unknown_kl_estimator_raises():
         kl_penalty(torch.zeros(2), torch.zeros(2), "k4")
 
 
+def _expected_estimator_gradient(logits: torch.Tensor, ref: torch.Tensor, estimator: str) -> list[float]:
+    """E_{y ~ pi}[grad_theta k(y)] for pi = softmax(theta), exactly: the sum over the support of
+    pi(y) times the gradient of the loss term with y held fixed (as GRPO's loss differentiates it)."""
+    theta = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, -1)
+    loss = (logp.exp().detach() * kl_penalty(logp, ref, estimator)).sum()
+    return torch.autograd.grad(loss, theta)[0].tolist()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kl_estimator_gradients_in_a_loss(seed):
+    """On a categorical policy, exactly: k1's term has zero expected gradient (why it is refused in
+    a loss), k2's follows KL(pi || ref) and k3's KL(ref || pi). The KL gradients by hand:
+    d log pi_y / d theta_j = [y = j] - pi_j, so with a = log pi - log ref
+        grad_j KL(pi || ref) = pi_j (a_j - sum_y pi_y a_y),    grad_j KL(ref || pi) = pi_j - ref_j."""
+    rng = random.Random(seed)
+    size = rng.randint(3, 9)
+    logits = [rng.gauss(0.0, 1.5) for _ in range(size)]
+    ref_logits = [rng.gauss(0.0, 1.5) for _ in range(size)]
+
+    def log_softmax(values):
+        top = max(values)
+        log_total = top + math.log(math.fsum(math.exp(v - top) for v in values))
+        return [v - log_total for v in values]
+
+    logp, logref = log_softmax(logits), log_softmax(ref_logits)
+    pi, ref = [math.exp(v) for v in logp], [math.exp(v) for v in logref]
+    a = [lp - lr for lp, lr in zip(logp, logref)]
+    mean_a = math.fsum(p * v for p, v in zip(pi, a))
+    grad_forward = [p * (v - mean_a) for p, v in zip(pi, a)]
+    grad_reverse = [p - r for p, r in zip(pi, ref)]
+    assert max(abs(g) for g in grad_forward) > 1e-3 and max(abs(g) for g in grad_reverse) > 1e-3
+
+    theta, reference = torch.tensor(logits, dtype=F64), torch.log_softmax(torch.tensor(ref_logits, dtype=F64), -1)
+    k1 = _expected_estimator_gradient(theta, reference, "k1")
+    assert max(abs(g) for g in k1) < 1e-15
+    with torch.no_grad():  # while its value, what train/kl shows, is the KL
+        value = (torch.softmax(theta, -1) * kl_penalty(torch.log_softmax(theta, -1), reference, "k1")).sum().item()
+    assert value == pytest.approx(math.fsum(p * v for p, v in zip(pi, a)), abs=1e-12) and value > 1e-3
+    assert _expected_estimator_gradient(theta, reference, "k2") == pytest.approx(grad_forward, abs=1e-14)
+    assert _expected_estimator_gradient(theta, reference, "k3") == pytest.approx(grad_reverse, abs=1e-14)
+
+
+def test_k1_is_refused_as_a_loss_term_and_allowed_as_a_metric():
+    logprobs, ref, advantages, mask = -torch.rand(2, 3, dtype=F64), -torch.rand(2, 3, dtype=F64), torch.ones(2, dtype=F64), torch.ones(2, 3)
+    with pytest.raises(ValueError, match=r"'k1' cannot be a loss term: its expected gradient .* = 0.*Use 'k3'"):
+        grpo_loss(logprobs, logprobs, advantages, mask, ref_logprobs=ref, beta=0.1, kl_estimator="k1")
+    _, metrics = grpo_loss(logprobs, logprobs, advantages, mask, ref_logprobs=ref, beta=0.0, kl_estimator="k1")
+    assert metrics["kl"].item() == pytest.approx((logprobs - ref).mean().item(), abs=1e-15)
+    for estimator in ("k2", "k3"):
+        grpo_loss(logprobs, logprobs, advantages, mask, ref_logprobs=ref, beta=0.1, kl_estimator=estimator)
+
+
 # ----------------------------------------------------------------------------------------------
 # clipped_surrogate
 # ----------------------------------------------------------------------------------------------

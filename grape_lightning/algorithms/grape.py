@@ -40,13 +40,29 @@ class OffPolicyConfig:
       or an earlier checkpoint); every row whose prompt matches is added.
 
     They are scored like the samples and always count in the baseline. In the update each enters
-    the clipped surrogate with ratio pi_theta / pi_old (pi_old's log-probs are computed for it,
-    since no behaviour policy is known), according to ``treatment``:
+    the clipped surrogate according to ``treatment``:
 
     - ``positive_only`` (default): only with an advantage > 0: learn from off-policy answers that
       beat the policy's average, never push down an answer the policy did not produce;
     - ``all``: always;
     - ``baseline_only``: never (they only shape the baseline).
+
+    Their ratio and its bias. An off-policy response y comes from a behaviour policy mu (the
+    dataset, another model) whose probabilities are unknown, so no sampler log-probs exist for it
+    (stored as NaN) and its ratio is formed against pi_old: rho_t = pi_theta(y_t) / pi_old(y_t),
+    pi_old's log-probs computed by a forward pass (rho = 1 at the first step, as for the samples).
+    Its surrogate gradient is A grad log pi_theta(y) (within the clip range): the row counts as if
+    pi_old had sampled it, without the importance weight pi_old(y) / mu(y) that would make it an
+    unbiased term of the policy gradient. The update is thus biased towards the off-policy
+    answers by how often they are added, not how likely pi_old is to produce them: with
+    ``positive_only`` it is advantage-weighted supervised learning on the answers that beat the
+    set. The clip bounds pi_theta / pi_old, not pi_theta / mu: it limits how far one rollout moves
+    pi on those tokens, however unlikely pi_old found them.
+
+    With beta > 0 their tokens also carry the KL term in the loss. There it is no estimate of
+    KL(pi || ref) (pi did not sample them) but a per-token penalty, 0 with 0 gradient where
+    l = l_ref, that keeps pi's log-probs of those tokens near the reference's; ``train/kl``
+    leaves them out and averages the policy's own samples only.
     """
 
     reference_answers: bool = False
@@ -79,12 +95,18 @@ class GRAPEModule(GRPOModule):
     category's rubric gets a score s_ik and a confidence c_ik (verifiable items c = 1; judged
     items from a critic; reward-model items s = sigmoid(r), c = 1). Then
 
-        omega_k = w_k * mean_i c_ik,        r_i = sum_k omega_k s_ik / sum_k omega_k
+        omega_k = w_k * mean_i c_ik,        r_i = sum_{k in J_i} omega_k s_ik / sum_{k in J_i} omega_k
         A_i     = r_i - b_i,  b_i = mean_j r_j ("mean") or the mean of the others ("leave_one_out"),
                   divided by the std of the set (``reward_scaling="group"``), of the batch, or not ("none")
 
-    and the update is GRPO's clipped surrogate with KL to the reference (the same loss code).
-    With one verifiable item of weight 1, mean baseline and group scaling it is exactly GRPO.
+    where J_i are the items that could be scored for response i (a verifier that returns None or
+    a critic that fails scores nothing). A response with no scored item has no reward: like an
+    unscored response in GRPO it leaves the update, takes no part in the set's mean, std or
+    leave-one-out baselines, and adds neither KL nor normaliser weight (see
+    :func:`~grape_lightning.rewards.confidence_weighting.confidence_weighted_rewards`). The stds
+    are unbiased (n - 1), as GRPO's. The update is GRPO's clipped surrogate with KL to the
+    reference (the same loss code). With one verifiable item of weight 1, mean baseline and group
+    scaling it is exactly GRPO, also when the verifier fails on some responses.
 
     Logged per item (``rubric/<category>/<item>/...``): mean score, mean confidence, spread (std
     of scores within a sample set, averaged over sets), critic failures; per response, the sample
@@ -161,11 +183,13 @@ class GRAPEModule(GRPOModule):
         extra_attention = torch.cat([generation.attention_mask[rows, :width], response_mask.long()], dim=1)
         extra_response_mask = torch.cat([torch.zeros_like(response_mask[:, :0]).new_zeros(len(rows), width), response_mask], dim=1)
         pad = self.tokenizer.pad_token_id
+        # no sampler produced these responses: their sampling log-probs do not exist
+        missing_logprobs = torch.where(widen(extra_response_mask, False), float("nan"), 0.0).to(generation.logprobs.dtype)
         extended = Generation(
             input_ids=torch.cat([widen(generation.input_ids, pad), widen(extra_ids, pad)]),
             attention_mask=torch.cat([widen(generation.attention_mask, 0), widen(extra_attention, 0)]),
             response_mask=torch.cat([widen(generation.response_mask, False), widen(extra_response_mask, False)]),
-            logprobs=torch.cat([widen(generation.logprobs, 0.0), generation.logprobs.new_zeros(len(rows), total)]),
+            logprobs=torch.cat([widen(generation.logprobs, 0.0), missing_logprobs]),
             prompt_width=width,
             finished=torch.cat([generation.finished, torch.ones(len(rows), dtype=torch.bool, device=rows.device)]),
         )

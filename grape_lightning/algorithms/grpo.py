@@ -10,9 +10,9 @@ from torch import Tensor
 from grape_lightning.advantages import RewardScaling, group_relative_advantages, group_statistics
 from grape_lightning.algorithms.on_policy import OnPolicyModule, RunningMeans
 from grape_lightning.algorithms.optim import OptimizerConfig
-from grape_lightning.losses.aggregation import Aggregation
+from grape_lightning.losses.aggregation import Aggregation, aggregate
 from grape_lightning.losses.grpo import grpo_loss
-from grape_lightning.losses.kl import KLEstimator
+from grape_lightning.losses.kl import KLEstimator, check_loss_estimator, kl_penalty
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.base import RewardFunction
 from grape_lightning.rollout.batch import Rollout
@@ -27,6 +27,10 @@ class GRPOModule(OnPolicyModule):
 
         A_i = (r_i - mean_group r) / (std + eps)        (std of the group, of the batch, or 1)
         L   = agg_{i,t} [ -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta KL_k3 ]
+
+    with ``group`` scaling by the unbiased (n - 1) std of the group's valid rewards (``batch``: of
+    every valid reward of the batch). ``kl_estimator`` is k3 (gradient of KL(ref || pi)) or k2
+    (gradient of KL(pi || ref)); k1 is refused, since in a loss its expected gradient is 0.
 
     Per rollout batch: ``num_iterations`` passes, each over shuffled mini-batches of
     ``mini_batch_size`` sequences (all at once when None), one optimizer step per mini-batch, so
@@ -64,6 +68,8 @@ class GRPOModule(OnPolicyModule):
         logprob_chunk_size: int = 1024,
         seed: int = 0,
     ) -> None:
+        if beta != 0:
+            check_loss_estimator(kl_estimator)  # before building any model
         super().__init__(
             policy, rewards, sampling, optimizer, reference=beta > 0, micro_batch_size=micro_batch_size,
             max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
@@ -111,14 +117,20 @@ class GRPOModule(OnPolicyModule):
         tied = group_statistics(rollout.rewards, rollout.groups, rollout.valid).tied
         trained = self.trained_rows(rollout, advantages, tied)
         trained_tokens = rollout.response_mask & trained[:, None]
+        # train/kl averages the trained rows pi_old sampled: at tokens it did not sample (GRAPE's
+        # off-policy members) the KL term is in the loss but is no estimate of KL(pi || ref)
+        sampled = trained & ~rollout.off_policy if rollout.off_policy is not None else trained
+        sampled_tokens = rollout.response_mask & sampled[:, None]
         rows = torch.arange(len(rollout), device=self.device)
         scale = self.data_parallel_size  # the strategy averages gradients over the ranks
         means = RunningMeans()
         terms = RunningMeans()  # additive pieces of the global loss: summed over micro-batches and ranks
         for iteration in range(self.num_iterations):
             for index in self.minibatches(rows, self.mini_batch_size, salt=iteration):
-                counts = torch.stack([trained[index].sum(), trained_tokens[index].sum()]).double()
-                num_sequences, num_tokens = self.sum_across_processes(counts).tolist()
+                counts = torch.stack([
+                    trained[index].sum(), trained_tokens[index].sum(), sampled[index].sum(), sampled_tokens[index].sum(),
+                ]).double()
+                num_sequences, num_tokens, kl_sequences, kl_tokens = self.sum_across_processes(counts).tolist()
                 if num_sequences == 0:
                     continue  # no trained row on any rank: no step (Adam would still move the weights)
                 step = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0}
@@ -131,24 +143,29 @@ class GRPOModule(OnPolicyModule):
                     )
                     mask = inputs["response_mask"] & trained[micro, None]
                     old_logprobs = rollout.take("old_logprobs", micro) if self.needs_old_logprobs else token.logprobs.detach()
+                    ref_logprobs = rollout.take("ref_logprobs", micro) if rollout.ref_logprobs is not None else None
                     loss, metrics = grpo_loss(
-                        token.logprobs, old_logprobs, advantages[micro], mask,
-                        ref_logprobs=rollout.take("ref_logprobs", micro) if rollout.ref_logprobs is not None else None,
+                        token.logprobs, old_logprobs, advantages[micro], mask, ref_logprobs=ref_logprobs,
                         beta=self.beta, eps_low=self.eps_low, eps_high=self.eps_high, aggregation=self.aggregation,
                         kl_estimator=self.kl_estimator, constant_length=self.sampling.max_new_tokens,
                         num_sequences=num_sequences, num_tokens=num_tokens,
                     )
                     step["loss"] += float(loss.detach())
-                    for name in ("policy_loss", "kl"):
-                        if name in metrics:
-                            step[name] += float(metrics.pop(name))
+                    step["policy_loss"] += float(metrics.pop("policy_loss"))
+                    metrics.pop("kl", None)  # over every trained row; the logged KL is over the sampled ones
+                    if ref_logprobs is not None:
+                        step["kl"] += float(aggregate(
+                            kl_penalty(token.logprobs.detach(), ref_logprobs, self.kl_estimator),
+                            inputs["response_mask"] & sampled[micro, None], self.aggregation,
+                            constant_length=self.sampling.max_new_tokens, num_sequences=kl_sequences, num_tokens=kl_tokens,
+                        ))
                     micro_tokens = float(mask.sum())
                     metrics["entropy"] = (token.entropy.detach() * mask).sum() / max(micro_tokens, 1.0)
                     means.add(metrics, weight=micro_tokens)
                     return loss * scale
 
                 self.optimizer_step_over(index, micro_loss)
-                if rollout.ref_logprobs is None:
+                if rollout.ref_logprobs is None or kl_sequences == 0:
                     step.pop("kl")
                 terms.add(step)
         self.log_metrics({**self.mean_across_processes(means), **self.mean_across_processes(terms, summed=True)})

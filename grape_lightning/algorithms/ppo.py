@@ -46,7 +46,8 @@ class PPOModule(OnPolicyModule):
         r_t     = -beta (l_old_t - l_ref_t) + [t is the last token] r(x, y) / s
         V_old_t = V(state before y_t), with the value model as it was at sampling time
         A_t, R_t = GAE(gamma, lambda) of r and V_old;  R_t = A_t + V_old_t is the value target
-        A_t     <- (A_t - mean A) / std A               (``whiten_advantages``; over every process)
+        A_t     <- (A_t - mean A) / std A               (``whiten_advantages``; over every process;
+                                                         population std, see :func:`~grape_lightning.advantages.whiten`)
         L       = agg[-min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t)]
                   + vf_coef agg[1/2 max((V_t - R_t)^2, (V_clip_t - R_t)^2)] - entropy_coef agg[H_t]
 
@@ -54,8 +55,8 @@ class PPOModule(OnPolicyModule):
     :func:`~grape_lightning.losses.ppo.ppo_loss`). The last response token ends the episode
     (the value after it is 0), also when the response was cut at ``max_new_tokens``.
 
-    ``reward_scaling``: s = 1 (``"none"``), the standard deviation of the batch's sequence
-    rewards over every process (``"batch"``), or that of every reward seen since the start of
+    ``reward_scaling``: s = 1 (``"none"``), the population standard deviation of the batch's
+    sequence rewards over every process (``"batch"``), or that of every reward seen since the start of
     the run, this batch's included (``"running"``: the statistics are buffers, saved in
     checkpoints; a reward keeps the same scale from one batch to the next, unlike ``"batch"``).
     The rewards are divided, not shifted: their offset is the value model's to learn. A learned

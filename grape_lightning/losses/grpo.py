@@ -6,7 +6,7 @@ from torch import Tensor
 
 from grape_lightning.losses.aggregation import Aggregation, aggregate
 from grape_lightning.losses.clipped_surrogate import clipped_surrogate
-from grape_lightning.losses.kl import KLEstimator, kl_penalty
+from grape_lightning.losses.kl import KLEstimator, check_loss_estimator, kl_penalty
 
 
 def grpo_loss(
@@ -27,10 +27,14 @@ def grpo_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = agg_{i,t} [ -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_it ]
 
-    with KL_it = exp(l_ref - l) - (l_ref - l) - 1 (k3) and ``agg`` one of
-    :func:`~grape_lightning.losses.aggregation.aggregate`'s modes. ``beta = 0`` needs no reference.
-    Metrics: ``policy_loss``, ``kl`` (the aggregated KL), clip fractions and ``ratio_mean``.
+    with KL_it = exp(l_ref - l) - (l_ref - l) - 1 (k3; or k2, never k1, whose expected gradient is 0:
+    see :func:`~grape_lightning.losses.kl.kl_penalty`) and ``agg`` one of
+    :func:`~grape_lightning.losses.aggregation.aggregate`'s modes. ``beta = 0`` needs no reference
+    (with one, ``kl`` is still reported, by any estimator). Metrics: ``policy_loss``, ``kl`` (the
+    aggregated KL), clip fractions and ``ratio_mean``.
     """
+    if beta != 0.0:
+        check_loss_estimator(kl_estimator)
     token_loss, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, eps_low, eps_high)
     reduce = dict(constant_length=constant_length, num_sequences=num_sequences, num_tokens=num_tokens)
     policy_loss = aggregate(token_loss, mask, aggregation, **reduce)

@@ -53,8 +53,10 @@ class RubricScorer:
     """Evaluates a :class:`Rubric` on a batch of responses.
 
     Verifiable items: s = the check's value, c = 1 (a check that cannot run, e.g. no reference
-    answer, fails). Judged items: the named critic's score and confidence (failures and garbage:
-    failed). Reward-model items: s = sigmoid(r(x, y)), c = 1.
+    answer, or returns None, fails). Judged items: the named critic's score and confidence
+    (failures and garbage: failed). Reward-model items: s = sigmoid(r(x, y)), c = 1. A failed
+    (response, item) has no score: the response's reward aggregates over its other items, and a
+    response with none left has no reward (it leaves the update).
     """
 
     def __init__(self, rubric: Rubric, critics: dict[str, Critic] | None = None) -> None:

@@ -15,7 +15,9 @@ class Rollout:
 
     ``old_logprobs`` are pi_old's log-probs (the weights that sampled, recomputed by the training
     forward so that the first ratio is exactly 1); ``ref_logprobs`` the reference's, when there is
-    one. ``rewards`` is NaN where ``valid`` is False (a reward could not be computed).
+    one. ``sampling_logprobs`` are the sampler's: NaN on the response tokens of ``off_policy`` rows,
+    which no sampler of this run produced (and so are ``old_logprobs`` there until pi_old's are
+    computed). ``rewards`` is NaN where ``valid`` is False (a reward could not be computed).
     """
 
     input_ids: Tensor

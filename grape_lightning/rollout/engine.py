@@ -22,7 +22,8 @@ class Generation:
     The prompt part is left-padded (every prompt ends at column ``prompt_width - 1``) and the
     response part is right-padded, so ``input_ids[:, prompt_width:]`` are the responses.
     ``logprobs`` holds the sampler's log-prob of each response token (zero elsewhere), aligned
-    with ``input_ids`` as :class:`~grape_lightning.models.logprobs.TokenLogprobs` is.
+    with ``input_ids`` as :class:`~grape_lightning.models.logprobs.TokenLogprobs` is; NaN on the
+    tokens of a response no sampler produced (GRAPE's off-policy members), where none exists.
     """
 
     input_ids: Tensor
