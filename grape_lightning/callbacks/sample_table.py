@@ -24,7 +24,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 class SampleTable(L.Callback):
     """Every ``every_n_steps`` optimizer steps, write the module's ``last_samples`` (a list of dict
-    rows: prompt, response, reward, ...) as a text table under ``samples`` in TensorBoard."""
+    rows: prompt, response, reward, ...) as a text table under ``samples`` in TensorBoard.
+
+    Args:
+        every_n_steps: optimizer steps between two tables.
+        max_rows: most rows per table.
+    """
 
     def __init__(self, every_n_steps: int = 50, max_rows: int = 16) -> None:
         self.every_n_steps = every_n_steps

@@ -32,6 +32,11 @@ class UnitTests(RewardFunction):
     (no tests there: the response cannot be scored, None). Each program runs in its own
     temporary directory in a fresh ``python -I`` (isolated mode, no user site), with networking
     disabled and at most ``max_workers`` at a time. A timeout scores 0: the code did not pass.
+
+    Args:
+        tests: Python test source appended to every response (None: each row's ``metadata["tests"]``).
+        timeout: seconds a program may run before it scores 0.
+        max_workers: programs run at the same time.
     """
 
     def __init__(
