@@ -14,9 +14,11 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import grape_lightning.algorithms  # noqa: F401  (registers the modules for class_path lookup)
+from grape_lightning.callbacks import CompleteLogs, StepProgressBar
 from grape_lightning.checkpointing import AtomicCheckpointIO
 from grape_lightning.cli_errors import explain
 import grape_lightning.callbacks  # noqa: F401
@@ -38,6 +40,15 @@ class GrapeCLI(LightningCLI):
         # for it here only lists it beside fit/validate/test/predict in ``grape --help``.
         assert parser._subcommands_action is not None
         parser._subcommands_action.add_subcommand("export", LightningArgumentParser(description=EXPORT_HELP), help=EXPORT_HELP)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
+        # The grape progress bar (optimizer steps of max_steps, reward or loss, KL) unless the config
+        # brings its own or turns bars off; complete logs (last step's metrics, no hp_metric) always.
+        configured = [*(config.get("callbacks") or []), *callbacks]
+        added: list[L.Callback] = [] if any(isinstance(c, CompleteLogs) for c in configured) else [CompleteLogs()]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            added.append(StepProgressBar())
+        return super()._instantiate_trainer(config, [*callbacks, *added])
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """A parse error ends the command with one short message (for an unknown key: the file
