@@ -44,7 +44,8 @@ class GrapeCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
         # The grape progress bar (optimizer steps of max_steps, reward or loss, KL) unless the config
         # brings its own or turns bars off; complete logs (last step's metrics, no hp_metric) always.
-        configured = [*(config.get("callbacks") or []), *callbacks]
+        given = config.get("callbacks") or []
+        configured = [*(given if isinstance(given, list) else [given]), *callbacks]
         added: list[L.Callback] = [] if any(isinstance(c, CompleteLogs) for c in configured) else [CompleteLogs()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             added.append(StepProgressBar())
