@@ -11,7 +11,6 @@ import socketserver
 import threading
 import time
 
-import pytest
 import yaml
 
 from grape_lightning.rewards.critics import JudgeRequest, OpenAICompatibleCritic
