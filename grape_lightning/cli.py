@@ -10,12 +10,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import grape_lightning.algorithms  # noqa: F401  (registers the modules for class_path lookup)
+from grape_lightning.callbacks import CompleteLogs, StepProgressBar
 from grape_lightning.checkpointing import AtomicCheckpointIO
+from grape_lightning.cli_errors import explain
 import grape_lightning.callbacks  # noqa: F401
 import grape_lightning.data  # noqa: F401
 import grape_lightning.rewards  # noqa: F401
@@ -23,8 +28,44 @@ import grape_lightning.rewards.critics  # noqa: F401
 import grape_lightning.rollout  # noqa: F401
 
 
+EXPORT_HELP = "Write the policy of a checkpoint in Hugging Face format."
+
+
 class GrapeCLI(LightningCLI):
     """LightningCLI with the model and the data chosen by ``class_path`` in the YAML."""
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # ``grape export`` is dispatched before LightningCLI parses (cli_main); registering a parser
+        # for it here only lists it beside fit/validate/test/predict in ``grape --help``.
+        assert parser._subcommands_action is not None
+        parser._subcommands_action.add_subcommand("export", LightningArgumentParser(description=EXPORT_HELP), help=EXPORT_HELP)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
+        # The grape progress bar (optimizer steps of max_steps, reward or loss, KL) unless the config
+        # brings its own or turns bars off; complete logs (last step's metrics, no hp_metric) always.
+        given = config.get("callbacks") or []
+        configured = [*(given if isinstance(given, list) else [given]), *callbacks]
+        added: list[L.Callback] = [] if any(isinstance(c, CompleteLogs) for c in configured) else [CompleteLogs()]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            added.append(StepProgressBar())
+        return super()._instantiate_trainer(config, [*callbacks, *added])
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """A parse error ends the command with one short message (for an unknown key: the file
+        holding it and the nearest accepted name), not the parser's usage text."""
+        for each in (parser, *self._subcommand_parsers.values()):
+            each.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            argv = list(sys.argv[1:] if args is None else args)
+            subcommand = next((arg for arg in argv if arg in self._subcommand_parsers), None)
+            options = [action.dest for action in self._subcommand_parsers[subcommand]._actions] if subcommand else []
+            print(f"error: {explain(str(error), argv, options)}", file=sys.stderr)
+            command = f"grape {subcommand} --help" if subcommand else "grape --help"
+            print(f"Run '{command}' for the accepted options.", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def export_main(argv: Sequence[str]) -> str:

@@ -165,10 +165,9 @@ def judgement_user_text(critic, request):
 
 
 def test_http_critic_timeout_500_and_garbage_fail_softly(server):
-    start = time.perf_counter()
     slow = OpenAICompatibleCritic(server.url, "slow", api_key_env=None, timeout=0.3, max_retries=1, backoff=0.05)
     assert slow.judge(REQUESTS[:1]) == [None] and slow.failures == {"timeout": 1}
-    assert time.perf_counter() - start < 1.9  # gave up after two 0.3 s attempts, did not wait 2 s
+    assert server.hits["slow"] == 2  # one try and one retry
 
     error = OpenAICompatibleCritic(server.url, "error", api_key_env=None, max_retries=2, backoff=0.01)
     assert error.judge(REQUESTS[:1]) == [None] and error.failures == {"http_500": 1}

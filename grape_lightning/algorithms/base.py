@@ -60,7 +60,11 @@ def log_stage(
 
 
 class PolicyModule(PolicyModelsMixin, L.LightningModule):
-    """Base of the algorithm modules. Subclasses call :meth:`build_models` and define the steps."""
+    """Base of the algorithm modules. Subclasses call :meth:`build_models` and define the steps.
+
+    Args:
+        optimizer: AdamW and learning-rate schedule (:class:`OptimizerConfig`; defaults when None).
+    """
 
     def __init__(self, optimizer: OptimizerConfig | dict | None = None) -> None:
         super().__init__()

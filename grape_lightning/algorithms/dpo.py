@@ -36,6 +36,20 @@ class DPOModule(PolicyModule):
     - ``precompute``: before training the initial policy scores every pair once (train and
       validation); the values are cached on disk (``reference_cache_dir``, keyed by model and
       data) and stored in checkpoints, and no reference model is kept in memory.
+
+    Args:
+        policy: the model to train (a :class:`ModelSpec`); its initial weights are the reference.
+        beta: beta, the inverse temperature of the implicit reward beta (log pi_theta / pi_ref).
+        loss_type: ``sigmoid`` (DPO; conservative DPO with ``label_smoothing``), ``ipo`` or ``hinge``.
+        label_smoothing: epsilon of conservative DPO: the assumed probability that a label is flipped.
+        sft_weight: weight of the chosen responses' token-mean NLL added to the loss.
+        length_normalize: use per-token mean log-probs instead of sums (None: True for IPO only).
+        reference_logprobs: ``online`` (a frozen reference scores each batch) or ``precompute`` (scored
+            once, cached).
+        reference_cache_dir: directory of the precomputed reference log-probs (None:
+            ``<default_root_dir>/reference_logps``).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        logprob_chunk_size: response tokens per chunk of the LM-head log-prob computation.
     """
 
     def __init__(

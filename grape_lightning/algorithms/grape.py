@@ -63,6 +63,14 @@ class OffPolicyConfig:
     KL(pi || ref) (pi did not sample them) but a per-token penalty, 0 with 0 gradient where
     l = l_ref, that keeps pi's log-probs of those tokens near the reference's; ``train/kl``
     leaves them out and averages the policy's own samples only.
+
+    Args:
+        reference_answers: add the dataset's reference answer to each sample set.
+        answer_key: metadata field that holds the reference answer.
+        responses_file: JSONL of ``{"prompt", "response"}`` rows added to the sample sets of matching
+            prompts.
+        treatment: how off-policy members enter the update: ``positive_only``, ``all`` or
+            ``baseline_only``.
     """
 
     reference_answers: bool = False
@@ -111,6 +119,23 @@ class GRAPEModule(GRPOModule):
     Logged per item (``rubric/<category>/<item>/...``): mean score, mean confidence, spread (std
     of scores within a sample set, averaged over sets), critic failures; per response, the sample
     table shows every item's score and confidence and the critiques.
+
+    Args:
+        rubric: YAML file of rubrics per prompt category (relative to the working directory).
+        critics: critics by name, referred to by the rubric's judged items.
+        baseline: ``mean`` of the sample set or ``leave_one_out`` (the mean of the others).
+        off_policy: responses added to each sample set besides the policy's samples.
+        beta: weight of the KL penalty to the reference (0: no reference model).
+        eps_low: lower clip range: ratios below 1 - eps_low are clipped.
+        eps_high: upper clip range: ratios above 1 + eps_high are clipped (clip-higher when > eps_low).
+        reward_scaling: divide advantages by the std of the group (``group``), of the batch (``batch``),
+            or not (``none``).
+        aggregation: loss over tokens: ``sequence`` (mean per sequence, then over sequences), ``token``
+            or ``constant``.
+        kl_estimator: KL estimator: ``k1``, ``k2`` or ``k3``.
+        num_iterations: passes over each rollout batch.
+        mini_batch_size: sequences per optimizer step (None: the whole rollout batch).
+        filter_tied_groups: drop groups whose rewards all tie from the loss.
     """
 
     def __init__(

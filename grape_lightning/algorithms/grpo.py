@@ -45,6 +45,19 @@ class GRPOModule(OnPolicyModule):
     by the std of every rank's rewards, and the aggregation's normaliser (sequences, tokens) is
     counted over all ranks. Mini-batches are drawn from all rows of a rollout and rows out of the
     loss are masked, so every rank takes the same forward and backward passes and steps.
+
+    Args:
+        beta: weight of the KL penalty to the reference (0: no reference model).
+        eps_low: lower clip range: ratios below 1 - eps_low are clipped.
+        eps_high: upper clip range: ratios above 1 + eps_high are clipped (clip-higher when > eps_low).
+        reward_scaling: divide advantages by the std of the group (``group``), of the batch (``batch``),
+            or not (``none``).
+        aggregation: loss over tokens: ``sequence`` (mean per sequence, then over sequences), ``token``
+            or ``constant``.
+        kl_estimator: KL estimator: ``k1``, ``k2`` or ``k3``.
+        num_iterations: passes over each rollout batch.
+        mini_batch_size: sequences per optimizer step (None: the whole rollout batch).
+        filter_tied_groups: drop groups whose rewards all tie from the loss.
     """
 
     def __init__(

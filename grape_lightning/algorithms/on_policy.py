@@ -57,6 +57,10 @@ class OnPolicyModule(PolicyModule):
         max_grad_norm: clip the global gradient norm before each step (None: no clipping).
         seed: seeds sampling; the generator of a rollout is derived from (seed, rank, step), so a
             resumed run samples what the uninterrupted run would have.
+        optimizer: AdamW and learning-rate schedule (defaults when None).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        logprob_chunk_size: response tokens per chunk of the LM-head log-prob computation (bounds the
+            [tokens, vocab] memory).
     """
 
     def __init__(

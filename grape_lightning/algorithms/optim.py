@@ -15,6 +15,16 @@ class OptimizerConfig:
     """AdamW with linear warm-up, then a constant, linear or cosine schedule down to ``min_lr_ratio * lr``.
 
     Weight decay applies to matrices only (not to biases, norms or other vectors).
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay of the matrices.
+        betas: AdamW (beta1, beta2).
+        eps: AdamW epsilon.
+        warmup_steps: optimizer steps of linear warm-up from lr / (warmup_steps + 1) to lr.
+        schedule: after warm-up: ``constant``, ``linear`` or ``cosine`` decay to ``min_lr_ratio * lr``
+            at max_steps.
+        min_lr_ratio: final learning rate as a fraction of ``lr`` (linear and cosine schedules).
     """
 
     lr: float = 1e-5

@@ -98,6 +98,27 @@ class PPOModule(OnPolicyModule):
     statistics and the loss. Mini-batches are cut from all rows (invalid ones included), so every
     process takes the same number of optimizer steps under DDP; the loss is the global batch's
     (normalised by token and sequence counts summed over the processes).
+
+    Args:
+        value_model: ``head`` (a scalar head on the policy's trunk) or ``separate`` (its own trunk).
+        value_init: initial weights of a ``separate`` value model (a reward model, say; None: the
+            policy's).
+        reward_scaling: divide rewards by their std: ``none``, ``batch`` or ``running``.
+        kl_coef: beta, the initial coefficient of the per-token KL penalty in the reward.
+        kl_target: adapt beta towards this KL per sequence (None: fixed beta).
+        kl_horizon: horizon of the adaptive KL controller (sequences).
+        gamma: discount factor.
+        lam: GAE lambda.
+        eps_low: lower clip range of the policy ratio.
+        eps_high: upper clip range of the policy ratio.
+        value_clip: clip range of the value around its old prediction (None: no value clipping).
+        vf_coef: weight of the value loss.
+        entropy_coef: weight of the entropy bonus.
+        whiten_advantages: normalise advantages to zero mean and unit std over the batch.
+        aggregation: loss over tokens: ``token``, ``sequence`` or ``constant``.
+        epochs: passes over each rollout batch.
+        mini_batch_size: sequences per optimizer step (None: the whole rollout batch).
+        target_kl: stop a rollout batch's update once the approximate KL exceeds this (None: never).
     """
 
     def __init__(

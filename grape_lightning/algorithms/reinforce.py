@@ -32,6 +32,12 @@ class REINFORCEModule(OnPolicyModule):
     - ``batch_mean``: b = mean reward of this batch;
     - ``leave_one_out``: b_i = mean reward of the other samples of i's prompt (RLOO; needs
       ``group_size`` >= 2 in the DataModule).
+
+    Args:
+        baseline: ``none``, ``moving_average``, ``batch_mean`` or ``leave_one_out`` (RLOO).
+        baseline_momentum: momentum of the ``moving_average`` baseline.
+        kl_coef: beta of the k1 KL penalty to the reference subtracted from the reward (0: no
+            reference).
     """
 
     def __init__(

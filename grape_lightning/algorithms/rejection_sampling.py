@@ -37,6 +37,12 @@ class RejectionSamplingModule(OnPolicyModule):
 
     Per rollout batch: ``epochs`` passes over the kept responses in mini-batches of
     ``mini_batch_size`` (all at once when None), one optimizer step per mini-batch.
+
+    Args:
+        keep_top_k: responses kept per prompt (the best-scoring ones).
+        reward_threshold: keep only responses scoring at least this (None: no threshold).
+        epochs: passes over the kept responses per rollout batch.
+        mini_batch_size: responses per optimizer step (None: all kept responses at once).
     """
 
     def __init__(

@@ -26,6 +26,12 @@ class RewardModelModule(L.LightningModule):
     ``margin`` plus each pair's own ``margin`` from the data (0 when absent). The trained model is
     a Hugging Face sequence-classification model (``export_hf`` / the ``HFExport`` callback), usable
     as a reward function through :class:`~grape_lightning.rewards.RewardModelScore`.
+
+    Args:
+        model: the reward model: a causal LM trunk (new scalar head), a saved reward model, or a config.
+        optimizer: AdamW and learning-rate schedule (defaults when None).
+        margin: m added to every pair's own margin in -log sigmoid(r_w - r_l - m).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
     """
 
     def __init__(

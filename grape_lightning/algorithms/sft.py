@@ -16,6 +16,11 @@ class SFTModule(PolicyModule):
 
     Batches come from :class:`~grape_lightning.data.sft.SFTDataModule` (padded or packed).
     Logs ``train/loss``, ``train/token_accuracy`` and the same under ``val/``.
+
+    Args:
+        policy: the model to train (a :class:`ModelSpec`).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        logprob_chunk_size: response tokens per chunk of the LM-head log-prob computation.
     """
 
     def __init__(

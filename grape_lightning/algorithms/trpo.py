@@ -95,11 +95,14 @@ class TRPOModule(OnPolicyModule):
         max_kl: delta, the bound on the mean token KL.
         damping: lambda, added to F (in the units of F's eigenvalues): keeps the step out of the
             directions where the sampled Fisher is nearly singular. configs/trpo.yaml explains its value.
-        cg_iterations, cg_tolerance: conjugate gradient stops after this many Fisher-vector
-            products or at this relative residual ||g - (F + lambda I) s|| / ||g||.
-        line_search_factor, line_search_tries: the step fractions tried are factor^0 .. factor^(tries - 1).
+        cg_iterations: conjugate gradient stops after this many Fisher-vector products ...
+        cg_tolerance: ... or at this relative residual ||g - (F + lambda I) s|| / ||g||.
+        line_search_factor: the step fractions tried are factor^0 .. factor^(tries - 1) ...
+        line_search_tries: ... with this many tries.
         fisher_sample_size: sequences (per rank) over which Fisher-vector products are averaged
             (None: all of the rollout's).
+        reward_scaling: divide group advantages by the std of the group (``group``), of the batch
+            (``batch``), or not (``none``).
     """
 
     # The natural-gradient algebra (flat vectors, conjugate gradient, line search) works on whole

@@ -34,7 +34,12 @@ def export_atomically(pl_module: L.LightningModule, directory: str | Path) -> Pa
 
 class HFExport(L.Callback):
     """At the end of ``fit`` (and optionally after every validation), save the policy and tokenizer
-    with ``save_pretrained`` to ``dirpath`` (default: ``<log dir>/hf``)."""
+    with ``save_pretrained`` to ``dirpath`` (default: ``<log dir>/hf``).
+
+    Args:
+        dirpath: output directory (default: ``<log dir>/hf``).
+        every_validation: also export after every validation, not only at the end.
+    """
 
     def __init__(self, dirpath: str | None = None, every_validation: bool = False) -> None:
         self.dirpath = dirpath

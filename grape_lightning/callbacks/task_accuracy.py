@@ -9,7 +9,13 @@ from grape_lightning.evaluation import greedy_task_score
 
 class GreedyTaskAccuracy(L.Callback):
     """After each validation, decode ``num_examples`` validation prompts greedily and log
-    ``val/accuracy`` and ``val/reward``. Needs a DataModule with a ``task``; does nothing otherwise."""
+    ``val/accuracy`` and ``val/reward``. Needs a DataModule with a ``task``; does nothing otherwise.
+
+    Args:
+        num_examples: validation prompts decoded.
+        max_new_tokens: most tokens per greedy response.
+        batch_size: prompts decoded at a time.
+    """
 
     def __init__(self, num_examples: int = 128, max_new_tokens: int = 16, batch_size: int = 64) -> None:
         self.num_examples = num_examples

@@ -22,6 +22,18 @@ class TokenizedDataModule(L.LightningDataModule):
     ``tokenizer=None`` takes the tokenizer (and chat-template choice) of the LightningModule being
     trained, so one field of the YAML (the model's) sets both; a string loads that tokenizer.
     Loaders shuffle by (seed, epoch), shard by rank, and resume mid-epoch from a checkpoint.
+
+    Args:
+        task: a built-in procedural task (``ArithmeticTask``, ``ReverseTask``) supplying the data.
+        train_file: JSONL file of training rows (replaces the task's training data).
+        val_file: JSONL file of validation rows.
+        tokenizer: tokenizer to load (None: the trained module's).
+        chat_template: None: the module's choice; True: format prompts with the chat template; False:
+            plain text.
+        batch_size: rows (prompts for rollouts) per training batch and process.
+        val_batch_size: rows per validation batch (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        seed: seed of the shuffling order (shuffled afresh each epoch by (seed, epoch)).
     """
 
     def __init__(

@@ -37,6 +37,11 @@ class PreferenceDataModule(TokenizedDataModule):
     are counted (``num_truncated``, ``num_skipped``) and reported.
 
     A row's optional numeric ``margin`` (in its metadata) is passed to margin-aware losses.
+
+    Args:
+        max_length: most tokens of prompt plus the longer response.
+        max_prompt_length: most prompt tokens kept when a pair is too long (its last ones; None: no
+            separate limit).
     """
 
     def __init__(

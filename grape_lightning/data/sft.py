@@ -26,6 +26,10 @@ class SFTDataModule(TokenizedDataModule):
 
     Packing (``pack=True``) concatenates pairs into rows of ``max_length`` tokens with positions
     restarting per pair, so attention never crosses pairs and no compute goes to padding.
+
+    Args:
+        max_length: most tokens of a prompt/completion pair (or of a packed row).
+        pack: pack pairs into rows of ``max_length`` tokens, attention kept within each pair.
     """
 
     def __init__(

@@ -35,7 +35,15 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 class LoRAConfig:
     """LoRA adapters of rank ``r`` and scale ``alpha / r`` on the modules named ``target_modules``
     (names or suffixes of ``nn.Linear`` submodules); ``modules_to_save`` lists modules trained in
-    full (a copy trains, the original stays as the reference's), for example ``["lm_head"]``."""
+    full (a copy trains, the original stays as the reference's), for example ``["lm_head"]``.
+
+    Args:
+        r: rank of the adapters.
+        alpha: scale numerator: adapters are scaled by alpha / r.
+        dropout: dropout on the adapters' input.
+        target_modules: names or suffixes of the ``nn.Linear`` submodules that get adapters.
+        modules_to_save: modules trained in full beside the adapters (for example ``["lm_head"]``).
+    """
 
     r: int = 8
     alpha: float = 16.0

@@ -27,6 +27,23 @@ class ModelSpec:
     peft) instead of every weight; the reference is then the same network with adapters off.
     ``chat_template``: ``None`` uses the tokenizer's chat template when it has one, ``True``
     requires one, ``False`` always feeds prompts as plain text.
+
+    Args:
+        name_or_path: hub id or local directory of a pretrained model (exclusive with ``config``).
+        config: transformers config keyword arguments with ``model_type``, for a randomly initialised
+            model.
+        tokenizer: tokenizer to load (default: ``name_or_path``; ``grape/char`` is the built-in
+            character tokenizer).
+        dtype: parameter dtype: ``float32``, ``bfloat16`` or ``float16``.
+        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``;
+            None: its default).
+        revision: hub revision (branch, tag or commit) of ``name_or_path``.
+        trust_remote_code: allow model code shipped with the checkpoint to run.
+        init_seed: seed of the random weights of a model built from ``config``.
+        chat_template: None: use the tokenizer's chat template if it has one; True: require one; False:
+            plain text.
+        from_pretrained_kwargs: extra keyword arguments passed to ``from_pretrained``.
+        lora: train LoRA adapters with this configuration instead of every weight (needs peft).
     """
 
     name_or_path: str | None = None

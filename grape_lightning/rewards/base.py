@@ -13,6 +13,10 @@ class RewardFunction(ABC):
 
     ``weight`` scales this function inside a :class:`~grape_lightning.rewards.combined.CombinedReward`;
     ``name`` labels its metrics (``reward/<name>``).
+
+    Args:
+        weight: w_k, the weight of this function in the combined reward sum_k w_k r_k.
+        name: label of its metrics (``reward/<name>``; default: the class name in snake_case).
     """
 
     def __init__(self, weight: float = 1.0, name: str | None = None) -> None:

@@ -21,6 +21,14 @@ class RewardModelScore(RewardFunction):
     ``path`` is a directory, a hub id or ``grape/<name>``; the model loads on first use, onto the
     current CUDA device when there is one (``device="auto"``), and scores ``batch_size`` responses
     at a time with gradients off.
+
+    Args:
+        path: directory, hub id or ``grape/<name>`` of a saved sequence-classification reward model.
+        batch_size: responses scored per forward pass.
+        device: ``auto`` (the current CUDA device, else CPU), ``cpu`` or ``cuda:N``.
+        chat_template: None: use the tokenizer's chat template if it has one; True: require one; False:
+            plain text.
+        max_length: truncate prompt plus response to this many tokens (None: no limit).
     """
 
     def __init__(

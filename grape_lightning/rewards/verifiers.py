@@ -22,7 +22,11 @@ def _reference(metadata: dict[str, Any], key: str) -> Any:
 
 
 class ExactMatch(RewardFunction):
-    """1 if the response's first line equals ``metadata[answer_key]`` (both stripped), else 0."""
+    """1 if the response's first line equals ``metadata[answer_key]`` (both stripped), else 0.
+
+    Args:
+        answer_key: metadata field holding the reference answer.
+    """
 
     def __init__(self, answer_key: str = "answer", weight: float = 1.0, name: str | None = None) -> None:
         super().__init__(weight, name)
@@ -37,7 +41,12 @@ class ExactMatch(RewardFunction):
 
 
 class NumericMatch(RewardFunction):
-    """1 if the first number in the response's first line is within ``tolerance`` of the answer."""
+    """1 if the first number in the response's first line is within ``tolerance`` of the answer.
+
+    Args:
+        answer_key: metadata field holding the reference answer.
+        tolerance: largest absolute difference counted as a match.
+    """
 
     NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -59,7 +68,12 @@ class NumericMatch(RewardFunction):
 
 
 class RegexMatch(RewardFunction):
-    """1 if ``pattern`` is found in the response (``re.search``), else 0."""
+    """1 if ``pattern`` is found in the response (``re.search``), else 0.
+
+    Args:
+        pattern: regular expression searched for in the response.
+        flags: ``re`` flags (for example 2 for ``re.IGNORECASE``).
+    """
 
     def __init__(self, pattern: str, flags: int = 0, weight: float = 1.0, name: str | None = None) -> None:
         super().__init__(weight, name)
@@ -70,7 +84,11 @@ class RegexMatch(RewardFunction):
 
 
 class FormatReward(RewardFunction):
-    """1 if the whole response (stripped) matches ``pattern`` (``re.fullmatch``), else 0."""
+    """1 if the whole response (stripped) matches ``pattern`` (``re.fullmatch``), else 0.
+
+    Args:
+        pattern: regular expression the whole stripped response must match.
+    """
 
     def __init__(self, pattern: str, weight: float = 1.0, name: str | None = None) -> None:
         super().__init__(weight, name)
@@ -81,7 +99,12 @@ class FormatReward(RewardFunction):
 
 
 class LengthPenalty(RewardFunction):
-    """-(characters beyond ``max_chars``) / ``scale``, capped at -1; 0 for responses within budget."""
+    """-(characters beyond ``max_chars``) / ``scale``, capped at -1; 0 for responses within budget.
+
+    Args:
+        max_chars: characters a response may have without penalty.
+        scale: characters over budget that cost one unit of reward.
+    """
 
     def __init__(self, max_chars: int, scale: float = 100.0, weight: float = 1.0, name: str | None = None) -> None:
         super().__init__(weight, name)
@@ -93,7 +116,11 @@ class LengthPenalty(RewardFunction):
 
 
 class TaskVerifier(RewardFunction):
-    """The verifier of a built-in task, reading the reference from ``metadata["answer"]``."""
+    """The verifier of a built-in task, reading the reference from ``metadata["answer"]``.
+
+    Args:
+        task: the built-in task whose ``verify`` scores the responses.
+    """
 
     def __init__(self, task: Task, weight: float = 1.0, name: str | None = None) -> None:
         super().__init__(weight, name or f"{task.name}_verifier")
@@ -112,7 +139,11 @@ def _strip_code_fence(text: str) -> str:
 
 
 class JSONSchemaMatch(RewardFunction):
-    """1 if the response (optionally inside a ``` fence) parses as JSON valid under ``schema``, else 0."""
+    """1 if the response (optionally inside a ``` fence) parses as JSON valid under ``schema``, else 0.
+
+    Args:
+        schema: JSON Schema the parsed response must satisfy.
+    """
 
     def __init__(self, schema: dict[str, Any], weight: float = 1.0, name: str | None = None) -> None:
         super().__init__(weight, name)
@@ -135,7 +166,11 @@ class JSONSchemaMatch(RewardFunction):
 
 class PythonCallable(RewardFunction):
     """A user function ``function(prompt, response, metadata) -> float | None`` named by import path
-    ("package.module:function"), called once per response."""
+    ("package.module:function"), called once per response.
+
+    Args:
+        function: import path ``package.module:function`` of the reward function.
+    """
 
     def __init__(self, function: str, weight: float = 1.0, name: str | None = None) -> None:
         super().__init__(weight, name or function.rsplit(":", 1)[-1])

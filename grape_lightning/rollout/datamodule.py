@@ -44,6 +44,11 @@ class RolloutDataModule(TokenizedDataModule):
 
     Metadata carries everything a reward needs: for built-in tasks the reference ``answer``, the
     ``task`` and its ``category``; for JSONL rows every field but ``prompt``.
+
+    Args:
+        group_size: responses sampled per prompt (G).
+        max_prompt_length: prompts longer than this many tokens are skipped and counted.
+        max_val_prompts: validate on at most this many prompts (None: all).
     """
 
     def __init__(

@@ -20,6 +20,14 @@ class SamplingParams:
     :func:`~grape_lightning.rollout.static_cache_engine.build_engine`): ``"auto"`` replays CUDA
     graphs over a static KV cache on a GPU and uses the reference engine on CPU; ``"static"``
     and ``"reference"`` force one of them.
+
+    Args:
+        max_new_tokens: most tokens generated per response.
+        temperature: softmax temperature (0: greedy decoding).
+        top_p: nucleus sampling: keep the smallest set of tokens with this much probability (1: off).
+        top_k: keep only the k most likely tokens (0: off).
+        stop_strings: a response ends after any of these strings (besides the EOS token).
+        engine: generation backend: ``auto``, ``static`` (CUDA-graph static KV cache) or ``reference``.
     """
 
     max_new_tokens: int = 64

@@ -19,6 +19,11 @@ class ArithmeticTask(Task):
     instead of being swamped by the many long numbers. The operator is drawn uniformly from
     ``operators``. With ``allow_negative=False`` the operands of a subtraction are ordered so the
     result is never negative.
+
+    Args:
+        digits: most digits of an operand.
+        operators: operators drawn from, a string of ``+``, ``-`` and ``*``.
+        allow_negative: allow negative results of subtraction.
     """
 
     name = "arithmetic"

@@ -49,6 +49,11 @@ class Task(ABC):
 
     Subclasses set ``name`` and ``category`` and implement ``_sample`` and ``wrong_answer``; they may
     override ``verify`` when exact matching of the first response line is not the right check.
+
+    Args:
+        seed: seed of the procedural examples (the same seed gives the same splits).
+        num_train: training examples.
+        num_val: validation examples (disjoint from the training ones).
     """
 
     name: ClassVar[str]

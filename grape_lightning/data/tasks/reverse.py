@@ -13,6 +13,11 @@ class ReverseTask(Task):
 
     The length is uniform over the range and each letter uniform over the alphabet. The alphabet may
     not contain whitespace, since ``verify`` strips the response and could not tell such words apart.
+
+    Args:
+        min_length: fewest letters of a word.
+        max_length: most letters of a word.
+        alphabet: letters the words are drawn from (no whitespace).
     """
 
     name = "reverse"

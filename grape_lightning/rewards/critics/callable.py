@@ -11,7 +11,11 @@ from grape_lightning.rewards.verifiers import import_callable
 class CallableCritic(Critic):
     """``function(request: JudgeRequest)`` named by import path ("package.module:function")
     returns a Judgement, a (score, confidence[, critique]) tuple, a dict with those keys, or None.
-    An exception counts as a failure (None) for that request."""
+    An exception counts as a failure (None) for that request.
+
+    Args:
+        function: import path ``package.module:function`` of the judging function.
+    """
 
     def __init__(self, function: str) -> None:
         self.function = import_callable(function)

@@ -23,6 +23,15 @@ class LocalLMCritic(Critic):
     so c is high only when the critic both answers in the expected form (little mass elsewhere)
     and leans clearly one way; a 50/50 or off-format critic gets c near 0 and its item loses
     influence in GRAPE's aggregation. The critique names the two probabilities.
+
+    Args:
+        model: directory, hub id or ``grape/<name>`` of the judging causal LM.
+        yes_words: spellings whose first token counts as "yes".
+        no_words: spellings whose first token counts as "no".
+        batch_size: requests judged per forward pass.
+        device: ``auto`` (the current CUDA device, else CPU), ``cpu`` or ``cuda:N``.
+        chat_template: None: use the tokenizer's chat template if it has one; True: require one; False:
+            plain text.
     """
 
     def __init__(
