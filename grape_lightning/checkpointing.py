@@ -1,4 +1,5 @@
-"""Checkpoints written atomically: a crash mid-write never leaves a corrupt checkpoint behind."""
+"""Checkpoints written atomically (a crash mid-write never leaves a corrupt checkpoint behind), and a
+checkpoint that still cannot be read (a damaged disk, a copy cut short) reported by name."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -34,3 +36,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(directory)  # make the rename itself durable
         finally:
             os.close(directory)
+
+    #: Set by ``grape fit --ckpt_path last``: an unreadable last checkpoint is replaced by the newest
+    #: intact one beside it (logged), so an unattended restart goes on from there.
+    fall_back_to_intact: bool = False
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Loads ``path``; a truncated or corrupt file raises :class:`UnreadableCheckpointError`
+        naming it and the newest intact checkpoint beside it (or, with ``fall_back_to_intact``,
+        loads that one instead, with a warning)."""
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except Exception as error:  # torch reports a torn file as RuntimeError, EOFError or an unpickling error
+            problem = f"checkpoint {path} cannot be read: it is truncated or corrupt ({type(error).__name__}: {error})"
+            for candidate in _siblings_newest_first(Path(path)):
+                try:
+                    checkpoint = super().load_checkpoint(candidate, map_location=map_location, weights_only=weights_only)
+                except Exception:
+                    continue
+                if self.fall_back_to_intact:
+                    rank_zero_warn(f"{problem}; resuming from the newest intact checkpoint beside it, {candidate}")
+                    return checkpoint
+                raise UnreadableCheckpointError(
+                    f"{problem}. The newest intact checkpoint beside it is {candidate}: pass --ckpt_path {candidate}"
+                ) from error
+            raise UnreadableCheckpointError(f"{problem}, and no intact checkpoint is beside it") from error
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """A checkpoint file that exists but cannot be loaded; the message names it and any intact alternative."""
+
+
+def _siblings_newest_first(path: Path) -> list[Path]:
+    """The other checkpoints in ``path``'s directory, newest first (hidden partial writes excluded)."""
+    siblings = [p for p in path.parent.glob("*.ckpt") if p.name != path.name and not p.name.startswith(".") and p.is_file()]
+    return sorted(siblings, key=lambda p: p.stat().st_mtime, reverse=True)

@@ -1,7 +1,12 @@
 from grape_lightning.callbacks.hf_export import HFExport, export_atomically
+from grape_lightning.callbacks.interrupt_checkpoint import CheckpointOnInterrupt
+from grape_lightning.callbacks.learning_guard import NoLearningSignalError, StopWhenNotLearning
 from grape_lightning.callbacks.run_summary import RunSummary
 from grape_lightning.callbacks.sample_table import SampleTable
 from grape_lightning.callbacks.task_accuracy import GreedyTaskAccuracy
 from grape_lightning.callbacks.throughput import TokenThroughput
 
-__all__ = ["GreedyTaskAccuracy", "HFExport", "RunSummary", "SampleTable", "TokenThroughput", "export_atomically"]
+__all__ = [
+    "CheckpointOnInterrupt", "GreedyTaskAccuracy", "HFExport", "NoLearningSignalError", "RunSummary", "SampleTable",
+    "StopWhenNotLearning", "TokenThroughput", "export_atomically",
+]
