@@ -4,6 +4,7 @@ checkpoint that still cannot be read (a damaged disk, a copy cut short) reported
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             os.close(directory)
 
-    #: Set by ``grape fit --ckpt_path last``: an unreadable last checkpoint is replaced by the newest
-    #: intact one beside it (logged), so an unattended restart goes on from there.
+    #: Set by ``grape fit --ckpt_path last``: an unreadable last checkpoint is moved aside to
+    #: ``<name>.unreadable`` and replaced by the newest intact one beside it (logged), so an
+    #: unattended restart goes on from there.
     fall_back_to_intact: bool = False
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -50,19 +52,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except (FileNotFoundError, IsADirectoryError, PermissionError):
             raise
         except Exception as error:  # torch reports a torn file as RuntimeError, EOFError or an unpickling error
-            problem = f"checkpoint {path} cannot be read: it is truncated or corrupt ({type(error).__name__}: {error})"
-            for candidate in _siblings_newest_first(Path(path)):
-                try:
-                    checkpoint = super().load_checkpoint(candidate, map_location=map_location, weights_only=weights_only)
-                except Exception:
-                    continue
-                if self.fall_back_to_intact:
-                    rank_zero_warn(f"{problem}; resuming from the newest intact checkpoint beside it, {candidate}")
-                    return checkpoint
-                raise UnreadableCheckpointError(
-                    f"{problem}. The newest intact checkpoint beside it is {candidate}: pass --ckpt_path {candidate}"
-                ) from error
-            raise UnreadableCheckpointError(f"{problem}, and no intact checkpoint is beside it") from error
+            intact = newest_intact_sibling(Path(path), lambda p: super(AtomicCheckpointIO, self).load_checkpoint(
+                p, map_location=map_location, weights_only=weights_only))
+            if intact is not None and self.fall_back_to_intact:
+                candidate, checkpoint = intact
+                # Moved aside, so the next "last" checkpoint takes its name again and it is never picked twice.
+                aside = Path(path).with_name(Path(path).name + ".unreadable")
+                os.replace(path, aside)
+                rank_zero_warn(
+                    f"{_unreadable(path, error)}; moved it to {aside.name} and resuming from the newest intact checkpoint "
+                    f"beside it, {candidate}"
+                )
+                return checkpoint
+            raise unreadable_checkpoint_error(path, error, None if intact is None else intact[0]) from error
+
+
+def _unreadable(path: str | Path, error: BaseException) -> str:
+    return f"checkpoint {path} cannot be read: it is truncated or corrupt ({type(error).__name__}: {error})"
+
+
+def unreadable_checkpoint_error(path: str | Path, error: BaseException, intact: Path | None) -> UnreadableCheckpointError:
+    """The error for a checkpoint that failed to load with ``error``, naming ``intact`` (see
+    :func:`newest_intact_sibling`) as the one to resume from instead."""
+    if intact is None:
+        return UnreadableCheckpointError(f"{_unreadable(path, error)}, and no intact checkpoint is beside it")
+    return UnreadableCheckpointError(f"{_unreadable(path, error)}. The newest intact checkpoint beside it is {intact}: pass --ckpt_path {intact}")
+
+
+def newest_intact_sibling(path: Path, load: Callable[[Path], dict[str, Any]] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest other checkpoint in ``path``'s directory that ``load`` (default: ``torch.load``)
+    reads without error, with its contents; None if there is none."""
+    load = load or (lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    for candidate in _siblings_newest_first(path):
+        try:
+            return candidate, load(candidate)
+        except Exception:
+            continue
+    return None
 
 
 class UnreadableCheckpointError(RuntimeError):

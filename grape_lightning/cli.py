@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import grape_lightning.algorithms  # noqa: F401  (registers the modules for class_path lookup)
-from grape_lightning.checkpointing import AtomicCheckpointIO
+from grape_lightning.checkpointing import AtomicCheckpointIO, newest_intact_sibling, unreadable_checkpoint_error
 import grape_lightning.callbacks  # noqa: F401
 from grape_lightning.callbacks.interrupt_checkpoint import CheckpointOnInterrupt, interrupt_exit_status
 from grape_lightning.callbacks.learning_guard import StopWhenNotLearning
@@ -39,6 +39,16 @@ from grape_lightning.resume import continue_run
 class GrapeCLI(LightningCLI):
     """LightningCLI with the model and the data chosen by ``class_path`` in the YAML; ``fit`` with a
     ``ckpt_path`` continues the run it came from (:mod:`grape_lightning.resume`)."""
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads an explicit ckpt_path's hyper-parameters before anything else: a torn
+        # file must be reported there by name, with the intact checkpoint beside it.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as error:
+            path = Path(self.config[self.config.subcommand].get("ckpt_path"))
+            intact = newest_intact_sibling(path)
+            raise unreadable_checkpoint_error(path, error, None if intact is None else intact[0]) from error
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":

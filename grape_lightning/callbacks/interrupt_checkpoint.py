@@ -118,6 +118,8 @@ class CheckpointOnInterrupt(L.Callback):
     def _target(trainer: L.Trainer) -> Path | None:
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+                if callback.last_model_path:  # last-v1.ckpt when an older run's last.ckpt was in the way
+                    return Path(callback.last_model_path)
                 return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         return None
 

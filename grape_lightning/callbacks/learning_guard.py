@@ -53,5 +53,5 @@ class StopWhenNotLearning(L.Callback):
         raise NoLearningSignalError(
             f"{type(pl_module).__name__}: {self._batches_without_update} consecutive rollout batches without an optimizer "
             f"step (at step {trainer.global_step}); in the last one {cause}. Check that the reward functions can score "
-            "these rows (the data has the fields they read), or raise StopWhenNotLearning(max_batches_without_update=...)"
+            "these rows (the data has the fields they read), or give StopWhenNotLearning a larger max_batches_without_update"
         )
