@@ -1,5 +1,6 @@
 """The real ``grape`` command in a subprocess: fit from the shipped config, export, help."""
 
+import json
 import os
 import subprocess
 import sys
@@ -16,11 +17,11 @@ from grape_lightning.algorithms import SFTModule
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def grape(*args, cwd):
+def grape(*args, cwd, expect=0):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "grape_lightning.cli", *args]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == expect, f"{' '.join(args)}: exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
 
@@ -170,3 +171,22 @@ def test_grape_quickstart_config_runs_and_prints_its_summary(tmp_path):
     for item in ("correct", "judged_correct"):
         assert {f"rubric/math/{item}/{name}" for name in ("score", "confidence", "spread", "failures")} <= scalars
     assert {"critic_failures", "val/accuracy", "train/reward"} <= scalars
+
+
+def test_a_run_whose_rewards_cannot_be_computed_stops_with_the_cause(tmp_path):
+    """Prompts without the ``answer`` NumericMatch reads: no reward is valid, no optimizer step can
+    happen, and max_steps would never be reached. The run stops after the default 20 batches."""
+    rows = [{"prompt": f"{a}+{b}=", "category": "math"} for a in range(10) for b in range(4)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    override = {
+        "trainer": {"max_steps": 5, "logger": False, "enable_progress_bar": False, "callbacks": []},
+        "data": {"init_args": {"task": None, "train_file": "prompts.jsonl", "batch_size": 4, "group_size": 2}},
+    }
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+    result = grape("fit", "--config", str(ROOT / "configs/grpo.yaml"), "--config", "override.yaml", cwd=tmp_path, expect=1)
+    message = result.stderr.strip().splitlines()[-1]
+    print(f"\n{message}")
+    assert message.startswith("grape_lightning.callbacks.learning_guard.NoLearningSignalError: GRPOModule: "
+                              "20 consecutive rollout batches without an optimizer step (at step 0)")
+    assert "8 of 8 rewards were invalid (None/NaN/inf); missing values by reward function: 'numeric_match' 8" in message
+    assert "'metadata': {'category': 'math', 'source': 'prompts.jsonl:" in message  # the row, by file and line
