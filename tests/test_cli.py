@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from grape_lightning.algorithms import SFTModule
+from grape_lightning.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,7 +288,7 @@ CONFIGS = sorted(path.stem for path in (ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_every_config_trains_a_local_model_named_by_one_flag(config, local_model, tmp_path):
+def test_every_config_trains_a_local_model_named_by_one_flag(config, local_model, tmp_path, monkeypatch):
     """The README's one-flag change: ``--model.init_args.policy '{"name_or_path": ...}'`` (the
     reward model's spec is ``model``) replaces the YAML's model, tiny-model fields included; the
     tokenizer and its chat template follow the model."""
@@ -299,10 +300,11 @@ def test_every_config_trains_a_local_model_named_by_one_flag(config, local_model
         override["model"] = {"init_args": {"rubric": str(ROOT / "configs/rubrics/arithmetic.yaml")}}
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
     spec = "model" if config == "reward_model" else "policy"
-    grape(
+    monkeypatch.chdir(tmp_path)  # in-process (one interpreter for every config keeps this test fast)
+    cli_main([
         "fit", "--config", str(ROOT / f"configs/{config}.yaml"), "--config", "override.yaml",
-        f"--model.init_args.{spec}", json.dumps({"name_or_path": str(local_model)}), cwd=tmp_path,
-    )
+        f"--model.init_args.{spec}", json.dumps({"name_or_path": str(local_model)}),
+    ])
     exported = next((tmp_path / "runs").glob("*/version_0/hf"))
     tokenizer = AutoTokenizer.from_pretrained(exported)
     assert tokenizer.chat_template == CHAT_TEMPLATE and len(tokenizer) == len(AutoTokenizer.from_pretrained(local_model))
