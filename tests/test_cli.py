@@ -308,3 +308,42 @@ def test_every_config_trains_a_local_model_named_by_one_flag(config, local_model
     exported = next((tmp_path / "runs").glob("*/version_0/hf"))
     tokenizer = AutoTokenizer.from_pretrained(exported)
     assert tokenizer.chat_template == CHAT_TEMPLATE and len(tokenizer) == len(AutoTokenizer.from_pretrained(local_model))
+
+
+def test_naming_a_model_source_on_the_command_line_clears_the_other_and_is_idempotent():
+    from grape_lightning.model_source_args import replace_model_sources
+
+    mapping = replace_model_sources(["fit", "--model.init_args.policy", '{"name_or_path": "x", "dtype": "bfloat16"}'])
+    assert json.loads(mapping[2]) == {"name_or_path": "x", "dtype": "bfloat16", "config": None, "tokenizer": None}
+    assert replace_model_sources(mapping) == mapping  # what a multi-process launcher runs again
+    kept = replace_model_sources(["fit", "--p={name_or_path: x, tokenizer: t}"])
+    assert json.loads(kept[2]) == {"name_or_path": "x", "tokenizer": "t", "config": None}
+    built = replace_model_sources(["fit", "--p", '{"config": {"model_type": "qwen2"}, "tokenizer": "grape/char"}'])
+    assert json.loads(built[2])["name_or_path"] is None
+    dotted = replace_model_sources(["fit", "--p.name_or_path", "x", "--p.tokenizer", "t", "--print_config"])
+    assert dotted == ["fit", "--p.name_or_path", "x", "--p.config", "null", "--p.tokenizer", "null", "--p.tokenizer", "t", "--print_config"]
+    untouched = ["fit", "--config", "a.yaml", "--trainer.max_steps", "3", "--data.init_args.task", '{"class_path": "T"}']
+    assert replace_model_sources(untouched) == untouched
+
+
+def test_ckpt_path_picks_the_run_directory_of_the_logger(tmp_path):
+    from jsonargparse import Namespace
+
+    from grape_lightning.resume import continue_run
+
+    def trainer(version=None):
+        logger = Namespace(class_path="TensorBoardLogger", init_args=Namespace(save_dir=str(tmp_path / "runs"), name="grpo", version=version))
+        return Namespace(logger=logger)
+
+    fresh = trainer()
+    continue_run(fresh, "last")
+    assert fresh.logger.init_args.version is None  # no run yet: the first one starts version_0
+    for version in (0, 1, 3):
+        (tmp_path / "runs" / "grpo" / f"version_{version}" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "grpo" / "version_x").mkdir()
+    latest, chosen, pinned, new = trainer(), trainer(), trainer(version=7), trainer()
+    continue_run(latest, "last")
+    continue_run(chosen, str(tmp_path / "runs" / "grpo" / "version_1" / "checkpoints" / "last.ckpt"))
+    continue_run(pinned, "last")
+    continue_run(new, None)
+    assert [t.logger.init_args.version for t in (latest, chosen, pinned, new)] == [3, 1, 7, None]
