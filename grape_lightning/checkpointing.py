@@ -76,7 +76,9 @@ def unreadable_checkpoint_error(path: str | Path, error: BaseException, intact: 
     :func:`newest_intact_sibling`) as the one to resume from instead."""
     if intact is None:
         return UnreadableCheckpointError(f"{_unreadable(path, error)}, and no intact checkpoint is beside it")
-    return UnreadableCheckpointError(f"{_unreadable(path, error)}. The newest intact checkpoint beside it is {intact}: pass --ckpt_path {intact}")
+    return UnreadableCheckpointError(
+        f"{_unreadable(path, error)}. The newest intact checkpoint beside it is {intact}: pass --ckpt_path {intact}"
+    )
 
 
 def newest_intact_sibling(path: Path, load: Callable[[Path], dict[str, Any]] | None = None) -> tuple[Path, dict[str, Any]] | None:

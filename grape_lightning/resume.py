@@ -43,7 +43,8 @@ def version_of_checkpoint(root: Path, ckpt_path: str) -> int | None:
 
 def _logger_configs(logger: Any) -> list[Any]:
     configs = logger if isinstance(logger, list) else [logger]
-    return [c for c in configs if hasattr(c, "init_args") and all(hasattr(c.init_args, k) for k in ("save_dir", "name", "version"))]
+    fields = ("save_dir", "name", "version")  # TensorBoardLogger, CSVLogger and their like
+    return [c for c in configs if hasattr(c, "init_args") and all(hasattr(c.init_args, k) for k in fields)]
 
 
 def continue_run(trainer_config: Any, ckpt_path: str | None) -> None:

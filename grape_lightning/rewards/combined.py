@@ -34,7 +34,12 @@ class InvalidRewards:
 
     @classmethod
     def of(
-        cls, per_function: dict[str, Tensor], valid: Tensor, prompts: list[str], responses: list[str], metadata: list[dict[str, Any]]
+        cls,
+        per_function: dict[str, Tensor],
+        valid: Tensor,
+        prompts: list[str],
+        responses: list[str],
+        metadata: list[dict[str, Any]],
     ) -> InvalidRewards:
         per_function = {name: values.detach().cpu() for name, values in per_function.items()}
         valid = valid.cpu()
