@@ -2,37 +2,73 @@
 
     grape fit --config configs/sft.yaml
     grape fit --config configs/sft.yaml --trainer.max_steps 50 --print_config
+    grape fit --config configs/sft.yaml --ckpt_path last     # continue the latest run of this config
     grape export --ckpt_path runs/sft/version_0/checkpoints/last.ckpt --output_dir exported/
+
+Code of your own (a reward function in ``my_rewards.py``) is found by class path when its file
+sits beside a ``--config`` file or in the current directory: both are put on ``sys.path``, as
+Python does for the directory of a script.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import grape_lightning.algorithms  # noqa: F401  (registers the modules for class_path lookup)
-from grape_lightning.callbacks import CompleteLogs, StepProgressBar
-from grape_lightning.checkpointing import AtomicCheckpointIO
-from grape_lightning.cli_errors import explain
 import grape_lightning.callbacks  # noqa: F401
+from grape_lightning.callbacks import CompleteLogs, StepProgressBar
+from grape_lightning.callbacks.interrupt_checkpoint import CheckpointOnInterrupt, interrupt_exit_status
+from grape_lightning.callbacks.learning_guard import StopWhenNotLearning
+from grape_lightning.callbacks.working_directory import RecordWorkingDirectory, training_working_directory
+from grape_lightning.checkpointing import AtomicCheckpointIO, newest_intact_sibling, unreadable_checkpoint_error
+from grape_lightning.cli_errors import explain
 import grape_lightning.data  # noqa: F401
 import grape_lightning.rewards  # noqa: F401
 import grape_lightning.rewards.critics  # noqa: F401
 import grape_lightning.rollout  # noqa: F401
+from grape_lightning.model_source_args import replace_model_sources
+from grape_lightning.resume import continue_run
 
 
 EXPORT_HELP = "Write the policy of a checkpoint in Hugging Face format."
 
 
 class GrapeCLI(LightningCLI):
-    """LightningCLI with the model and the data chosen by ``class_path`` in the YAML."""
+    """LightningCLI with the model and the data chosen by ``class_path`` in the YAML; ``fit`` with a
+    ``ckpt_path`` continues the run it came from (:mod:`grape_lightning.resume`)."""
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads an explicit ckpt_path's hyper-parameters before anything else: a torn
+        # file must be reported there by name, with the intact checkpoint beside it.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as error:
+            path = Path(self.config[self.config.subcommand].get("ckpt_path"))
+            intact = newest_intact_sibling(path)
+            raise unreadable_checkpoint_error(path, error, None if intact is None else intact[0]) from error
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            config = self.config["fit"]
+            continue_run(config.trainer, config.get("ckpt_path"))
+
+    def before_fit(self) -> None:
+        if not any(isinstance(callback, StopWhenNotLearning) for callback in self.trainer.callbacks):
+            self.trainer.callbacks.append(StopWhenNotLearning())
+        checkpoint_io = getattr(self.trainer.strategy, "checkpoint_io", None)
+        if isinstance(checkpoint_io, AtomicCheckpointIO) and self.config_init["fit"].get("ckpt_path") == "last":
+            checkpoint_io.fall_back_to_intact = True
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
@@ -68,16 +104,34 @@ class GrapeCLI(LightningCLI):
             raise SystemExit(2) from None
 
 
+def add_config_directories_to_path(argv: Sequence[str]) -> None:
+    """Put the current directory and the directory of every ``--config`` file first on ``sys.path``,
+    so ``class_path: my_rewards.MyReward`` finds ``my_rewards.py`` beside the config."""
+    directories = [os.getcwd()]
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            directories.append(str(Path(argv[index + 1]).resolve().parent))
+        elif arg.startswith("--config="):
+            directories.append(str(Path(arg.partition("=")[2]).resolve().parent))
+    for directory in reversed(directories):
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+
+
 def export_main(argv: Sequence[str]) -> str:
     """``grape export``: a Lightning checkpoint to a Hugging Face directory."""
     from grape_lightning.callbacks.hf_export import export_atomically
 
-    parser = argparse.ArgumentParser(prog="grape export", description="Write the policy of a checkpoint in Hugging Face format.")
+    parser = argparse.ArgumentParser(prog="grape export", description=EXPORT_HELP)
     parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint written by 'grape fit'")
     parser.add_argument("--output_dir", required=True, help="directory for save_pretrained (replaced atomically)")
     options = parser.parse_args(list(argv))
-    module = L.LightningModule.load_from_checkpoint(options.ckpt_path, map_location="cpu")
-    directory = export_atomically(module, options.output_dir)
+    checkpoint = Path(options.ckpt_path).resolve()
+    output_dir = Path(options.output_dir).resolve()
+    # Relative paths in the run's config (a GRAPE rubric, say) meant the directory training ran in.
+    with training_working_directory(checkpoint):
+        module = L.LightningModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    directory = export_atomically(module, output_dir)
     print(f"exported {type(module).__name__} policy to {directory}")
     return str(directory)
 
@@ -87,20 +141,31 @@ def cli_main(args: Sequence[str] | None = None) -> GrapeCLI | str:
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    add_config_directories_to_path(argv)
+    argv = replace_model_sources(argv)
+    if args is None:
+        sys.argv[1:] = argv  # also what a multi-process launcher re-runs (the rewrite is idempotent)
     return GrapeCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}]},
+        trainer_defaults={
+            "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
+            "callbacks": [CheckpointOnInterrupt(), RecordWorkingDirectory()],
+        },
         args=None if args is None else argv,
     )
 
 
 def main() -> None:
-    """Console script ``grape`` (returns nothing, so the exit status stays 0)."""
-    cli_main()
+    """Console script ``grape``: exit status 0 when the command finished, 128 + the signal number
+    when SIGTERM or Ctrl-C stopped training (after writing a checkpoint), 1 on an error."""
+    try:
+        cli_main()
+    except SIGTERMException:
+        sys.exit(interrupt_exit_status())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """The real ``grape`` command in a subprocess: fit from the shipped config, export, help."""
 
+import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -9,19 +12,53 @@ import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from grape_lightning.algorithms import SFTModule
+from grape_lightning.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def grape(*args, cwd):
+def grape(*args, cwd, expect=0):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "grape_lightning.cli", *args]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == expect, f"{' '.join(args)}: exit {result.returncode}\n{output}"
     return result
+
+
+def assert_exported_model_generates(directory: Path) -> None:
+    """What a user does with an exported directory: files readable as the umask allows, and
+    ``AutoTokenizer`` + ``AutoModelForCausalLM`` generating a left-padded batch exactly as each
+    prompt alone."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~umask
+    for path in directory.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert tokenizer.padding_side == "left"
+    prompts = ["12+34=", "7+5="]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][1, 0] == 0  # the shorter prompt is padded on the left
+    with torch.no_grad():
+        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        for row, prompt in enumerate(prompts):
+            alone = tokenizer(prompt, return_tensors="pt")
+            expected = model.generate(**alone, max_new_tokens=4, do_sample=False)[0, alone["input_ids"].shape[1]:]
+            assert together[row, : len(expected)].tolist() == expected.tolist(), prompt
+
+
+def export_elsewhere(checkpoint: Path, tmp_path: Path) -> Path:
+    """``grape export`` run from a directory other than the training one, with relative paths."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    result = grape("export", "--ckpt_path", os.path.relpath(checkpoint, elsewhere), "--output_dir", "exported", cwd=elsewhere)
+    assert "exported" in result.stdout
+    return elsewhere / "exported"
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +106,7 @@ def test_export_gives_identical_logits(sft_run, tmp_path):
         assert ids.tolist() == [module.tokenizer("12+34=")["input_ids"]]
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, module.policy(ids).logits, rtol=0, atol=0)
+    assert_exported_model_generates(tmp_path / "exported")
 
 
 def test_help_and_print_config(tmp_path):
@@ -119,6 +157,7 @@ def test_rl_config_runs_from_the_cli(algorithm, tmp_path):
     assert [event.step for event in events.Scalars("val/accuracy")][0] == 0  # the initial policy
     assert "samples/text_summary" in events.Tags()["tensors"]
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "hf" / "config.json").is_file()
+    assert_exported_model_generates(export_elsewhere(run / "checkpoints" / "last.ckpt", tmp_path))
 
 
 def test_grpo_under_two_process_ddp_finishes_and_exports(tmp_path):
@@ -150,12 +189,29 @@ def test_preference_config_runs_from_the_cli(algorithm, tags, tmp_path):
     events.Reload()
     assert tags <= set(events.Tags()["scalars"])
     assert (run / "hf" / "config.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    exported = export_elsewhere(run / "checkpoints" / "last.ckpt", tmp_path)
+    if algorithm == "dpo":
+        assert_exported_model_generates(exported)
+    else:  # a reward model: a sequence classifier with one score
+        scorer = AutoModelForSequenceClassification.from_pretrained(exported)
+        tokenizer = AutoTokenizer.from_pretrained(exported)
+        assert scorer(**tokenizer(["12+34=46"], return_tensors="pt")).logits.shape == (1, 1)
 
 
 def test_grape_quickstart_config_runs_and_prints_its_summary(tmp_path):
+    """Also: the rubric's path is relative, as in the shipped config, and ``grape export`` run from
+    another directory resolves it as training did."""
+    (tmp_path / "rubrics").mkdir()
+    shutil.copy(ROOT / "configs/rubrics/arithmetic.yaml", tmp_path / "rubrics" / "arithmetic.yaml")
     override = {
-        "trainer": {"max_steps": 3, "val_check_interval": 3, "log_every_n_steps": 1},
-        "model": {"init_args": {"rubric": str(ROOT / "configs/rubrics/arithmetic.yaml")}},
+        "trainer": {
+            "max_steps": 3, "val_check_interval": 3, "log_every_n_steps": 1,
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
+                {"class_path": "grape_lightning.callbacks.RunSummary"},
+            ],
+        },
+        "model": {"init_args": {"rubric": "rubrics/arithmetic.yaml"}},
         "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 16}}}},
     }
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
@@ -170,3 +226,125 @@ def test_grape_quickstart_config_runs_and_prints_its_summary(tmp_path):
     for item in ("correct", "judged_correct"):
         assert {f"rubric/math/{item}/{name}" for name in ("score", "confidence", "spread", "failures")} <= scalars
     assert {"critic_failures", "val/accuracy", "train/reward"} <= scalars
+    assert_exported_model_generates(export_elsewhere(run / "checkpoints" / "last.ckpt", tmp_path))
+
+
+def test_a_run_whose_rewards_cannot_be_computed_stops_with_the_cause(tmp_path):
+    """Prompts without the ``answer`` NumericMatch reads: no reward is valid, no optimizer step can
+    happen, and max_steps would never be reached. The run stops after the default 20 batches."""
+    rows = [{"prompt": f"{a}+{b}=", "category": "math"} for a in range(10) for b in range(4)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    override = {
+        "trainer": {"max_steps": 5, "logger": False, "enable_progress_bar": False, "callbacks": []},
+        "data": {"init_args": {"task": None, "train_file": "prompts.jsonl", "batch_size": 4, "group_size": 2}},
+    }
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+    result = grape("fit", "--config", str(ROOT / "configs/grpo.yaml"), "--config", "override.yaml", cwd=tmp_path, expect=1)
+    message = result.stderr.strip().splitlines()[-1]
+    print(f"\n{message}")
+    assert message.startswith("grape_lightning.callbacks.learning_guard.NoLearningSignalError: GRPOModule: "
+                              "20 consecutive rollout batches without an optimizer step (at step 0)")
+    assert "8 of 8 rewards were invalid (None/NaN/inf); missing values by reward function: 'numeric_match' 8" in message
+    assert "'metadata': {'category': 'math', 'source': 'prompts.jsonl:" in message  # the row, by file and line
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory) -> Path:
+    """A model directory as ``save_pretrained`` writes one for a real model, built offline: a
+    byte-level BPE tokenizer trained on a few strings, with a chat template, and a tiny Qwen2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    directory = tmp_path_factory.mktemp("local_model")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    texts = [f"user\n{a}+{b}=\nassistant\n{a + b}" for a in range(0, 100, 3) for b in range(0, 100, 7)]
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+    )
+    tokenizer.save_pretrained(directory)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+CONFIGS = sorted(path.stem for path in (ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_trains_a_local_model_named_by_one_flag(config, local_model, tmp_path, monkeypatch):
+    """The README's one-flag change: ``--model.init_args.policy '{"name_or_path": ...}'`` (the
+    reward model's spec is ``model``) replaces the YAML's model, tiny-model fields included; the
+    tokenizer and its chat template follow the model."""
+    override = {
+        "trainer": {"max_steps": 2, "val_check_interval": 2, "log_every_n_steps": 1, "enable_progress_bar": False},
+        "data": {"init_args": {"task": {"init_args": {"num_train": 32, "num_val": 8}}}},
+    }
+    if config == "grape":
+        override["model"] = {"init_args": {"rubric": str(ROOT / "configs/rubrics/arithmetic.yaml")}}
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+    spec = "model" if config == "reward_model" else "policy"
+    monkeypatch.chdir(tmp_path)  # in-process (one interpreter for every config keeps this test fast)
+    cli_main([
+        "fit", "--config", str(ROOT / f"configs/{config}.yaml"), "--config", "override.yaml",
+        f"--model.init_args.{spec}", json.dumps({"name_or_path": str(local_model)}),
+    ])
+    exported = next((tmp_path / "runs").glob("*/version_0/hf"))
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    assert tokenizer.chat_template == CHAT_TEMPLATE and len(tokenizer) == len(AutoTokenizer.from_pretrained(local_model))
+
+
+def test_naming_a_model_source_on_the_command_line_clears_the_other_and_is_idempotent():
+    from grape_lightning.model_source_args import replace_model_sources
+
+    mapping = replace_model_sources(["fit", "--model.init_args.policy", '{"name_or_path": "x", "dtype": "bfloat16"}'])
+    assert json.loads(mapping[2]) == {"name_or_path": "x", "dtype": "bfloat16", "config": None, "tokenizer": None}
+    assert replace_model_sources(mapping) == mapping  # what a multi-process launcher runs again
+    kept = replace_model_sources(["fit", "--p={name_or_path: x, tokenizer: t}"])
+    assert json.loads(kept[2]) == {"name_or_path": "x", "tokenizer": "t", "config": None}
+    built = replace_model_sources(["fit", "--p", '{"config": {"model_type": "qwen2"}, "tokenizer": "grape/char"}'])
+    assert json.loads(built[2])["name_or_path"] is None
+    dotted = replace_model_sources(["fit", "--p.name_or_path", "x", "--p.tokenizer", "t", "--print_config"])
+    assert dotted == ["fit", "--p.name_or_path", "x", "--p.config", "null", "--p.tokenizer", "null", "--p.tokenizer", "t", "--print_config"]
+    untouched = ["fit", "--config", "a.yaml", "--trainer.max_steps", "3", "--data.init_args.task", '{"class_path": "T"}']
+    assert replace_model_sources(untouched) == untouched
+
+
+def test_ckpt_path_picks_the_run_directory_of_the_logger(tmp_path):
+    from jsonargparse import Namespace
+
+    from grape_lightning.resume import continue_run
+
+    def trainer(version=None):
+        logger = Namespace(class_path="TensorBoardLogger", init_args=Namespace(save_dir=str(tmp_path / "runs"), name="grpo", version=version))
+        return Namespace(logger=logger)
+
+    fresh = trainer()
+    continue_run(fresh, "last")
+    assert fresh.logger.init_args.version is None  # no run yet: the first one starts version_0
+    for version in (0, 1, 3):
+        (tmp_path / "runs" / "grpo" / f"version_{version}" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "grpo" / "version_x").mkdir()
+    latest, chosen, pinned, new = trainer(), trainer(), trainer(version=7), trainer()
+    continue_run(latest, "last")
+    continue_run(chosen, str(tmp_path / "runs" / "grpo" / "version_1" / "checkpoints" / "last.ckpt"))
+    continue_run(pinned, "last")
+    continue_run(new, None)
+    assert [t.logger.init_args.version for t in (latest, chosen, pinned, new)] == [3, 1, 7, None]

@@ -80,9 +80,27 @@ def _finish(command: list[str], cwd: Path) -> None:
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
 
 
-def test_sigkilled_run_resumes_with_the_same_command_and_ends_as_an_uninterrupted_run(tmp_path):
-    uninterrupted = tmp_path / "uninterrupted"
-    _finish(_command(uninterrupted, pace=0.0), tmp_path)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The record of the run every interrupted one must end up identical to."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    _finish(_command(workdir / "run", pace=0.0), workdir)
+    return workdir / "run"
+
+
+def _assert_same_end(run: Path, uninterrupted: Path) -> None:
+    ours = torch.load(run / "record" / "end.pt")
+    reference = torch.load(uninterrupted / "record" / "end.pt")
+    assert ours["step"] == reference["step"] == MAX_STEPS
+    timings = {name for name in reference["metrics"] if name.endswith("_per_s")}
+    assert {k: v for k, v in ours["metrics"].items() if k not in timings} == {
+        k: v for k, v in reference["metrics"].items() if k not in timings
+    }
+    for name, tensor in reference["policy"].items():
+        assert torch.equal(ours["policy"][name], tensor), name
+
+
+def test_sigkilled_run_resumes_with_the_same_command_and_ends_as_an_uninterrupted_run(tmp_path, uninterrupted):
 
     run = tmp_path / "killed"
     command = _command(run, pace=0.5)
@@ -113,13 +131,84 @@ def test_sigkilled_run_resumes_with_the_same_command_and_ends_as_an_uninterrupte
     for name in ("train/reward", "train/loss", "train/kl"):
         print(f"  {name}: resumed {ours['metrics'][name]:.6f}  uninterrupted {reference['metrics'][name]:.6f}")
     assert starts == [0, 3]
-    assert ours["step"] == reference["step"] == MAX_STEPS
-    timings = {name for name in reference["metrics"] if name.endswith("_per_s")}
-    assert {k: v for k, v in ours["metrics"].items() if k not in timings} == {
-        k: v for k, v in reference["metrics"].items() if k not in timings
-    }  # bit-identical: sampling seeds derive from (seed, rank, step)
-    for name, tensor in reference["policy"].items():
-        assert torch.equal(ours["policy"][name], tensor), name
+    _assert_same_end(run, uninterrupted)  # bit-identical: sampling seeds derive from (seed, rank, step)
+
+
+def _wait_for_first_checkpoint(process: subprocess.Popen, run: Path) -> None:
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "epoch=0-step=3.ckpt").exists():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.05)
+    time.sleep(0.75)  # into step 4 or 5: past the checkpoint, before the next one
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_checkpoints_exits_nonzero_and_resume_ends_as_an_uninterrupted_run(signum, status, tmp_path, uninterrupted):
+    """SIGTERM (SLURM, Kubernetes) or Ctrl-C: training stops at the end of the batch, ``last.ckpt`` of
+    that step is written, the exit status is 128 + the signal, and ``--ckpt_path last`` goes on."""
+    run = tmp_path / "run"
+    command = _command(run, pace=0.5)
+    with open(tmp_path / "output.txt", "w") as output:
+        process = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_first_checkpoint(process, run)
+            os.kill(process.pid, signum)
+            assert process.wait(timeout=120) == status
+        finally:
+            if process.poll() is None:
+                process.kill()
+    printed = (tmp_path / "output.txt").read_text()
+    stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    print(f"\n{signal.Signals(signum).name}: exit {status}, last.ckpt at step {stopped_at}")
+    assert 3 < stopped_at < MAX_STEPS  # written by the signal, not by the periodic checkpoint at step 3
+    assert f"{signal.Signals(signum).name} at step {stopped_at}: checkpoint written to {run / 'checkpoints' / 'last.ckpt'}" in printed
+    assert not (run / "record" / "end.pt").exists()
+
+    _finish(command, tmp_path)
+    assert [int(line) for line in (run / "record" / "starts.txt").read_text().split()] == [0, stopped_at]
+    _assert_same_end(run, uninterrupted)
+
+
+FAILING_REWARD = """
+import os
+from grape_lightning.rewards import NumericMatch
+
+class FailingNumericMatch(NumericMatch):
+    \"\"\"NumericMatch that raises on its FAIL_ON_CALL-th call (a user's reward with a bug).\"\"\"
+    calls = 0
+
+    def __call__(self, prompts, responses, metadata):
+        FailingNumericMatch.calls += 1
+        if str(FailingNumericMatch.calls) == os.environ.get("FAIL_ON_CALL"):
+            raise ValueError(f"cannot parse {responses[0]!r}")
+        return super().__call__(prompts, responses, metadata)
+"""
+
+
+def test_a_raising_reward_beside_the_config_ends_with_its_traceback_and_a_resumable_checkpoint(tmp_path, uninterrupted):
+    """``my_rewards.py`` beside the config loads by class path without PYTHONPATH; when it raises,
+    the run ends with the user's traceback and ``last.ckpt`` of the last completed step, from which
+    the same command plus ``--ckpt_path last`` (with the bug fixed) ends as an uninterrupted run."""
+    run = tmp_path / "run"
+    command = _command(run, pace=0.0)
+    (run / "my_rewards.py").write_text(FAILING_REWARD)
+    override = yaml.safe_load((run / "override.yaml").read_text())
+    override["model"]["init_args"]["rewards"] = [
+        {"class_path": "my_rewards.FailingNumericMatch", "init_args": {"name": "numeric_match"}}
+    ]
+    (run / "override.yaml").write_text(yaml.safe_dump(override))
+    # calls: 1 for the initial validation, then one per step: the 6th is step 5's, after step 4 completed
+    failing = subprocess.run(command, cwd=tmp_path, env={**ENV, "FAIL_ON_CALL": "6"}, capture_output=True, text=True, timeout=300)
+    printed = failing.stdout + failing.stderr
+    assert failing.returncode == 1, printed[-3000:]
+    assert f'{run / "my_rewards.py"}", line' in printed and "ValueError: cannot parse" in printed
+    assert f"ValueError at step 4: checkpoint written to {run / 'checkpoints' / 'last.ckpt'}" in printed
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+    _finish(command, tmp_path)
+    assert [int(line) for line in (run / "record" / "starts.txt").read_text().split()] == [0, 4]
+    _assert_same_end(run, uninterrupted)
 
 
 def _state(value: float) -> dict:

@@ -19,6 +19,7 @@ from grape_lightning.rewards import (
     RewardFunction,
     TaskVerifier,
 )
+from grape_lightning.rewards.combined import InvalidRewards
 
 
 def score(function, responses, metadata=None, prompts=None):
@@ -216,3 +217,18 @@ def test_combined_reward_rejects_duplicate_names_and_wrong_lengths():
     short = CombinedReward([Fixed([1.0, 2.0], name="short")])
     with pytest.raises(ValueError, match="returned 2 values for 3 responses"):
         short(["p"] * 3, ["a", "b", "c"], [{}] * 3)
+
+
+def test_an_infinite_reward_is_invalid_like_nan_and_the_summary_names_function_count_and_row():
+    first = Fixed([float("inf"), 1.0, float("-inf"), 0.0], name="first")
+    second = Fixed([0.5, None, 0.5, 0.5], name="second")
+    prompts, responses = ["p0", "p1", "p2", "p3"], ["a", "b", "c", "d"]
+    metadata = [{"row": i} for i in range(4)]
+    scores = CombinedReward([first, second])(prompts, responses, metadata)
+    assert scores.valid.tolist() == [False, False, False, True]
+    assert math.isnan(scores.per_function["first"][0].item()) and math.isnan(scores.per_function["first"][2].item())
+    summary = InvalidRewards.of(scores.per_function, scores.valid, prompts, responses, metadata)
+    assert (summary.total, summary.invalid, summary.per_function) == (4, 3, {"first": 2, "second": 1})
+    assert summary.example == {"prompt": "p0", "response": "a", "metadata": {"row": 0}, "first": summary.example["first"], "second": 0.5}
+    assert math.isnan(summary.example["first"])
+    assert "3 of 4 rewards were invalid (None/NaN/inf)" in summary.describe() and "'first' 2, 'second' 1" in summary.describe()

@@ -24,7 +24,7 @@ from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.models.logprobs import response_logprobs
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.base import RewardFunction
-from grape_lightning.rewards.combined import CombinedReward, RewardScores
+from grape_lightning.rewards.combined import CombinedReward, InvalidRewards, RewardScores
 from grape_lightning.rollout.batch import Rollout, minibatch_indices
 from grape_lightning.rollout.engine import Generation, GenerationEngine
 from grape_lightning.rollout.sampling import SamplingParams
@@ -90,12 +90,15 @@ class OnPolicyModule(PolicyModule):
         self.logprob_chunk_size = logprob_chunk_size
         self.seed = seed
         self.last_samples: list[dict[str, Any]] = []
+        self.last_invalid_rewards: InvalidRewards | None = None  # of the last training rollout
         self.initial_metrics: dict[str, float] = {}
 
     # Whether the update may run on parameters a strategy shards (FSDP2, DeepSpeed); TRPO's may not.
     updates_sharded_parameters = True
 
     def configure_model(self) -> None:
+        if self._trainer is None:  # loaded for export or inspection (load_from_checkpoint): nothing to shard
+            return
         self.check_strategy()
         self.configure_deepspeed()
         super().configure_model()
@@ -262,6 +265,9 @@ class OnPolicyModule(PolicyModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = self.collect_rollout(batch)
+        self.last_invalid_rewards = InvalidRewards.of(
+            rollout.reward_terms, rollout.valid.cpu(), rollout.prompts, rollout.responses, rollout.metadata
+        )
         self._log_rollout(rollout, "train")
         self.update(rollout)
 
@@ -312,7 +318,7 @@ class OnPolicyModule(PolicyModule):
             if on_step:
                 self.log(f"{stage}/reward_std", valid_rewards.float().std() if valid_rewards.numel() > 1 else 0.0, **log)
         for name, values in rollout.reward_terms.items():
-            present = values[~torch.isnan(values)]
+            present = values[torch.isfinite(values)]
             if present.numel():
                 self.log(f"{stage}/reward/{name}", present.float().mean(), **log)
         primary = next(iter(rollout.reward_terms.values()))

@@ -21,6 +21,7 @@ def export_atomically(pl_module: L.LightningModule, directory: str | Path) -> Pa
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     pl_module.export_hf(staging)  # type: ignore[operator]
+    _readable_as_umask_allows(staging)
     retired = None
     if directory.exists():
         retired = directory.with_name(f".{directory.name}.old")
@@ -30,6 +31,16 @@ def export_atomically(pl_module: L.LightningModule, directory: str | Path) -> Pa
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
     return directory
+
+
+def _readable_as_umask_allows(directory: Path) -> None:
+    """``mkdtemp`` makes the staging directory private (0700) and some writers make private files:
+    give the export the permissions of any file the user creates (0777 / 0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 class HFExport(L.Callback):

@@ -76,6 +76,11 @@ class ResumableDataLoader(DataLoader):
             self._batches_done += 1
             yield batch
 
+    def rewind(self, batches: int) -> None:
+        """Count ``batches`` fewer batches as handed out (more if negative): a checkpoint written while
+        a batch was being trained, before it changed anything, then resumes with that batch."""
+        self._batches_done -= batches
+
     def state_dict(self) -> dict[str, int]:
         replicas = self.sampler.num_replicas  # type: ignore[attr-defined]
         return {

@@ -170,11 +170,14 @@ class PolicyModelsMixin:
         directory.mkdir(parents=True, exist_ok=True)
         model = self.policy if self.lora is None else self.lora.merged_copy()
         model.config.use_cache = True
+        # A decoder-only model generates a batch from left-padded prompts; the saved tokenizer says so.
+        padding_side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
         try:
             model.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
         finally:
             model.config.use_cache = False
-        self.tokenizer.save_pretrained(directory)
+            self.tokenizer.padding_side = padding_side
         return directory
 
 

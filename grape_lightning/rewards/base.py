@@ -8,7 +8,7 @@ from typing import Any
 
 
 class RewardFunction(ABC):
-    """Scores a batch of responses. One value per response; ``None`` or NaN means "could not score"
+    """Scores a batch of responses. One value per response; ``None``, NaN or +-inf means "could not score"
     (the response is then left out of the update and counted, never treated as 0).
 
     ``weight`` scales this function inside a :class:`~grape_lightning.rewards.combined.CombinedReward`;
@@ -32,4 +32,6 @@ def _snake_case(name: str) -> str:
 
 
 def is_missing(value: float | None) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    """Whether a reward value means "could not score": None, NaN or +-inf (an infinite reward
+    would swamp every finite one in the baseline, so it is no more usable than NaN)."""
+    return value is None or not math.isfinite(float(value))
