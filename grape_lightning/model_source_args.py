@@ -43,11 +43,13 @@ def replace_model_sources(argv: Sequence[str]) -> list[str]:
             out.append(arg)
             continue
         key, has_inline, value = arg.partition("=")
+        original = [arg]
         if not has_inline:
             if index >= len(args) or args[index].startswith("--"):
                 out.append(arg)
                 continue
             value = args[index]
+            original.append(value)
             index += 1
         prefix, _, last = key.rpartition(".")
         if last in _OTHER_SOURCE and prefix and value.strip() not in ("null", "None", "~", ""):
@@ -58,8 +60,9 @@ def replace_model_sources(argv: Sequence[str]) -> list[str]:
                 mapping = yaml.safe_load(value)
             except yaml.YAMLError:
                 mapping = None
-            if isinstance(mapping, dict):
+            if isinstance(mapping, dict) and _cleared(set(mapping)):
                 mapping.update({other: None for other in _cleared(set(mapping))})
-                value = json.dumps(mapping)
-        out += [key, value]
+                out += [key, json.dumps(mapping)]
+                continue
+        out += original  # untouched, as written: ``--print_config=comments`` must keep its "="
     return out

@@ -23,6 +23,10 @@ class StopWhenNotLearning(L.Callback):
 
     The ``grape`` command adds one with the default limit to every run that configures none; put
     one in ``trainer.callbacks`` to change the limit (``None`` turns the check off).
+
+    Args:
+        max_batches_without_update: consecutive rollout batches without an optimizer step before
+            the run stops with an error (None: never).
     """
 
     def __init__(self, max_batches_without_update: int | None = 20) -> None:
