@@ -323,7 +323,7 @@ def test_naming_a_model_source_on_the_command_line_clears_the_other_and_is_idemp
     assert json.loads(built[2])["name_or_path"] is None
     dotted = replace_model_sources(["fit", "--p.name_or_path", "x", "--p.tokenizer", "t", "--print_config"])
     assert dotted == ["fit", "--p.name_or_path", "x", "--p.config", "null", "--p.tokenizer", "null", "--p.tokenizer", "t", "--print_config"]
-    untouched = ["fit", "--config", "a.yaml", "--trainer.max_steps", "3", "--data.init_args.task", '{"class_path": "T"}']
+    untouched = ["fit", "--config", "a.yaml", "--trainer.max_steps", "3", "--data.init_args.task", '{"class_path": "T"}', "--print_config=comments"]
     assert replace_model_sources(untouched) == untouched
 
 
