@@ -18,6 +18,7 @@ from grape_lightning.models.loading import load_causal_lm, load_tokenizer
 from grape_lightning.models.logprobs import TokenLogprobs, response_logprobs
 from grape_lightning.models.lora import LoRAPolicy
 from grape_lightning.models.spec import ModelSpec
+from grape_lightning.models.tokenizer_check import save_tokenizer
 from grape_lightning.models.value import ValueModel
 
 ValueKind = Literal["none", "head", "separate"]
@@ -174,7 +175,7 @@ class PolicyModelsMixin:
             model.save_pretrained(directory, safe_serialization=True)
         finally:
             model.config.use_cache = False
-        self.tokenizer.save_pretrained(directory)
+        save_tokenizer(self.tokenizer, directory)
         return directory
 
 

@@ -22,6 +22,7 @@ Check parameters: ``regex`` takes ``pattern``; ``json_schema`` takes ``schema`` 
 object); ``python`` takes ``function`` ("package.module:function"); ``unit_tests`` takes ``tests``
 (Python source run after the response's code; otherwise the metadata's ``tests``) and
 ``timeout`` (seconds); ``exact_match`` / ``numeric_match`` read ``answer_key`` (default "answer").
+A ``reward_model`` item may name its ``tokenizer`` (default: the model's own).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ CHECKS = ("exact_match", "numeric_match", "regex", "json_schema", "python", "uni
 _ITEM_KEYS = {
     "verifiable": {"check", "pattern", "schema", "function", "tests", "timeout", "answer_key", "tolerance"},
     "judged": {"critic", "question"},
-    "reward_model": {"path"},
+    "reward_model": {"path", "tokenizer"},
 }
 _REQUIRED_PARAMS = {"regex": "pattern", "json_schema": "schema", "python": "function"}
 
