@@ -24,6 +24,9 @@ class TokenizedDataModule(L.LightningDataModule):
     Loaders shuffle by (seed, epoch), shard by rank, and resume mid-epoch from a checkpoint.
     """
 
+    reference_field: str | None = None
+    """The reply of a row that can serve as its reference answer (``reference_rows``), if any."""
+
     def __init__(
         self,
         task: Task | None = None,
@@ -52,6 +55,7 @@ class TokenizedDataModule(L.LightningDataModule):
         self.seed = seed
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._chat_template: bool | None = None
+        self._reference_rows: dict[str, list[dict[str, Any]]] = {}
 
     def split_rows(
         self, split: str, read_file: Callable[[str], list[dict[str, Any]]], task_rows: Callable[[str], list[dict[str, Any]]]
@@ -64,6 +68,24 @@ class TokenizedDataModule(L.LightningDataModule):
         if self.task is not None and (split == "train" or self.train_file is None):
             return task_rows(split)
         return []
+
+    def from_task(self, split: str) -> bool:
+        """Whether the built-in task (rather than a file) supplies the rows of ``split``."""
+        path = self.train_file if split == "train" else self.val_file
+        return self.task is not None and path is None and (split == "train" or self.train_file is None)
+
+    def _rows(self, split: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def reference_rows(self, split: str = "val") -> list[dict[str, Any]]:
+        """The rows of ``split`` as ``{"prompt", "metadata"}`` for greedy evaluation, with the
+        reference answer in ``metadata["answer"]``: the row's own ``answer`` field when it has one,
+        else its reply named by ``reference_field`` (an SFT completion, a preferred response)."""
+        if split not in self._reference_rows:
+            rows = self._rows(split)
+            default = (lambda row: {"answer": row[self.reference_field]}) if self.reference_field else (lambda row: {})
+            self._reference_rows[split] = [{"prompt": row["prompt"], "metadata": {**default(row), **row["metadata"]}} for row in rows]
+        return self._reference_rows[split]
 
     def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool | None = None) -> None:
         """Use this tokenizer (for code that drives the DataModule without a Trainer)."""

@@ -39,6 +39,8 @@ class PreferenceDataModule(TokenizedDataModule):
     A row's optional numeric ``margin`` (in its metadata) is passed to margin-aware losses.
     """
 
+    reference_field = "chosen"
+
     def __init__(
         self,
         task: Task | None = None,

@@ -28,6 +28,8 @@ class SFTDataModule(TokenizedDataModule):
     restarting per pair, so attention never crosses pairs and no compute goes to padding.
     """
 
+    reference_field = "completion"
+
     def __init__(
         self,
         task: Task | None = None,
