@@ -8,6 +8,7 @@ from typing import Any
 from grape_lightning.data.tasks import Task
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -56,6 +57,8 @@ class TokenizedDataModule(L.LightningDataModule):
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._chat_template: bool | None = None
         self._reference_rows: dict[str, list[dict[str, Any]]] = {}
+        self.num_lossy = 0  # texts that do not decode back to themselves (see ``note_lossy``)
+        self._first_lossy: str | None = None
 
     def split_rows(
         self, split: str, read_file: Callable[[str], list[dict[str, Any]]], task_rows: Callable[[str], list[dict[str, Any]]]
@@ -121,6 +124,25 @@ class TokenizedDataModule(L.LightningDataModule):
         if choice is None and hasattr(module, "policy_spec"):
             choice = module.policy_spec.chat_template
         self.set_tokenizer(module.tokenizer, choice)
+
+    def note_lossy(self, text: Any, ids: list[int], row: dict[str, Any]) -> None:
+        """Count ``text`` if its ids do not decode back to it: characters outside the tokenizer's
+        vocabulary are lost (a tab or non-ASCII text under the character tokenizer). Plain-text
+        prompts and replies only; a chat template rewrites the text anyway."""
+        if not isinstance(text, str) or self.chat_template:
+            return
+        eos = self.tokenizer.eos_token_id
+        body = ids[:-1] if ids and ids[-1] == eos and not text.endswith(str(self.tokenizer.eos_token)) else ids
+        if self.tokenizer.decode(body) != text:
+            self.num_lossy += 1
+            self._first_lossy = self._first_lossy or f"{row['metadata'].get('source', 'task row')}: {text[:60]!r}"
+
+    def report_lossy(self) -> None:
+        if self.num_lossy:
+            rank_zero_warn(
+                f"{type(self).__name__}: {self.num_lossy} texts lose characters in tokenization (first: "
+                f"{self._first_lossy}); the model never sees those characters"
+            )
 
     def _world(self) -> tuple[int, int]:
         if self.trainer is None:
