@@ -13,7 +13,7 @@ import string
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_warn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 SPECIAL_ROLES = ("pad", "bos", "eos", "unk")
 
@@ -87,9 +87,12 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | Path) ->
     encodes or decodes as ``tokenizer``. (The library's own loader falls back to the saved
     ``tokenizer.json`` in that case; other code would silently see other tokens.)"""
     tokenizer.save_pretrained(directory)
-    from transformers import AutoTokenizer
-
-    differences = tokenizer_differences(tokenizer, AutoTokenizer.from_pretrained(directory))
+    try:
+        reloaded = AutoTokenizer.from_pretrained(directory)
+    except Exception as error:  # a tokenizer with remote code, say: the export stands, unchecked
+        rank_zero_warn(f"AutoTokenizer.from_pretrained({str(directory)!r}) failed, the saved tokenizer is unchecked: {error}")
+        return
+    differences = tokenizer_differences(tokenizer, reloaded)
     if differences:
         rank_zero_warn(
             f"AutoTokenizer.from_pretrained({str(directory)!r}) does not reload the tokenizer the model was "
