@@ -40,6 +40,8 @@ def test_dpo_variants_match_hand_computation(loss_type, smoothing, beta):
     assert abs(float(metrics["rewards/chosen"]) - math.fsum(chosen) / 16) < 1e-12
     assert abs(float(metrics["rewards/margins"]) - (math.fsum(chosen) - math.fsum(rejected)) / 16) < 1e-12
     assert float(metrics["rewards/accuracies"]) == sum(a > b for a, b in zip(chosen, rejected)) / 16
+    assert abs(float(metrics["logps/chosen_drift"]) - math.fsum(a - b for a, b in zip(lists[0], lists[2])) / 16) < 1e-12
+    assert abs(float(metrics["logps/rejected_drift"]) - math.fsum(a - b for a, b in zip(lists[1], lists[3])) / 16) < 1e-12
 
 
 def test_dpo_gradient_matches_hand_derivative():
@@ -72,3 +74,21 @@ def test_bradley_terry_matches_hand_computation(margin):
     assert abs(float(loss) - expected) < 1e-12
     assert float(metrics["accuracy"]) == sum(a > b for a, b in zip(chosen.tolist(), rejected.tolist())) / 12
     assert abs(float(metrics["margin"]) - math.fsum(a - b for a, b in zip(chosen.tolist(), rejected.tolist())) / 12) < 1e-12
+
+
+@pytest.mark.parametrize("chosen, rejected, warns", [(-2.0, -5.0, True), (0.5, -5.0, False), (-2.0, -1.0, False)])
+def test_dpo_warns_when_the_chosen_log_prob_falls_while_the_margin_rises(chosen, rejected, warns):
+    import warnings
+
+    from grape_lightning.algorithms import DPOModule
+    from tests.conftest import tiny_spec
+
+    module = DPOModule(tiny_spec())
+    module._val_drifts = torch.tensor([chosen * 4, rejected * 4, 4.0], dtype=torch.float64)  # sums over 4 pairs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.on_validation_epoch_end()
+    messages = [str(w.message) for w in caught if "chosen responses' log-prob fell" in str(w.message)]
+    assert len(messages) == int(warns)
+    if warns:
+        assert f"fell by {-chosen:.3f} nats" in messages[0] and f"margin rose to {chosen - rejected:.3f}" in messages[0]

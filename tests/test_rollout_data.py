@@ -50,3 +50,23 @@ def test_rejects_bad_settings():
         RolloutDataModule()
     with pytest.raises(ValueError, match="group_size"):
         RolloutDataModule(task=ArithmeticTask(num_train=4, num_val=2), group_size=0)
+
+
+def test_a_validation_file_in_another_modules_format_names_its_file_line_and_field(tmp_path):
+    """Chat rows (an SFT format) as the RL validation file, prompt rows as an SFT validation file."""
+    from grape_lightning.data import SFTDataModule
+
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"prompt": "max 3 9 =", "answer": "9"}) + "\n")
+    chat = tmp_path / "val_chat.jsonl"
+    chat.write_text(json.dumps({"prompt": "max 1 2 =", "answer": "2"}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "max 1 2 ="}, {"role": "assistant", "content": "2"}]}) + "\n")
+    with pytest.raises(DataFormatError, match=r"val_chat\.jsonl:2: missing field 'prompt'"):
+        _setup(train_file=str(train), val_file=str(chat))
+    sft = SFTDataModule(train_file=str(tmp_path / "sft.jsonl"), val_file=str(train))
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "max 3 9 =", "completion": " 9"}) + "\n")
+    sft.set_tokenizer(build_char_tokenizer())
+    with pytest.raises(DataFormatError, match=r"train\.jsonl:1: missing field 'completion'"):
+        sft.setup("fit")
+    with pytest.raises(DataFormatError, match=r"train\.jsonl:1: missing field 'completion'"):
+        sft.reference_rows("val")  # the greedy evaluation reads the file the same way

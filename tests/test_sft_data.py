@@ -95,3 +95,14 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
 def test_needs_a_source():
     with pytest.raises(ValueError, match="task"):
         SFTDataModule()
+
+
+def test_texts_that_lose_characters_in_tokenization_are_counted_and_reported(tmp_path):
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": "max 1 2 =", "completion": " 2"}, {"prompt": "caf\u00e9\tmax 1 2 =", "completion": " 2"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    datamodule = SFTDataModule(train_file=str(path), max_length=32)
+    datamodule.set_tokenizer(build_char_tokenizer())
+    with pytest.warns(UserWarning, match=r"1 texts lose characters in tokenization \(first: .*train\.jsonl:2: 'caf"):
+        datamodule.setup()
+    assert datamodule.num_lossy == 1

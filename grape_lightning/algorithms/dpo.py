@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from grape_lightning.algorithms.base import PolicyModule, as_dataclass, log_stage
@@ -29,6 +29,14 @@ class DPOModule(PolicyModule):
     Loss: :func:`~grape_lightning.losses.dpo.dpo_loss` of type ``loss_type`` on sequence log-probs
     (sums over response tokens; per-token means when ``length_normalize``, the default for IPO),
     plus ``sft_weight`` times the chosen responses' token-mean NLL.
+
+    The NLL term (``sft_weight``, DPO + NLL): DPO's loss depends only on the margin between the
+    chosen and rejected log-probs, and it is often lowered by pushing both down, the rejected
+    faster. Then the preferred responses lose probability too and greedy outputs can get worse
+    (malformed, or ended early) while pair accuracy rises. The NLL term keeps the chosen log-prob
+    up; use it whenever the chosen responses are good outputs in their own right (a verified
+    answer, a demonstration). After each validation the module warns when the mean chosen drift
+    l(y_w) - l_ref(y_w) is negative while the margin is positive, the sign of that failure.
 
     Reference log-probs:
 
@@ -81,6 +89,8 @@ class DPOModule(PolicyModule):
         self.reference_cache_dir = reference_cache_dir
         self.logprob_chunk_size = logprob_chunk_size
         self.reference_cache: dict[str, Tensor] = {}  # split -> [pairs, 2] (chosen, rejected)
+        # validation sums of the chosen drift, the rejected drift and the pair count
+        self._val_drifts = torch.zeros(3, dtype=torch.float64)
 
     # -- log-probs -------------------------------------------------------------------------------
     def sequence_logps(self, token_logprobs: Tensor, mask: Tensor) -> Tensor:
@@ -165,7 +175,30 @@ class DPOModule(PolicyModule):
             loss = loss + self.sft_weight * nll
             metrics["sft_nll"] = nll.detach()
         log_stage(self, stage, metrics, pairs, prog_bar=("loss", "rewards/accuracies"))
+        if stage == "val":
+            self._val_drifts = self._val_drifts.to(self.device) + torch.stack(
+                [(logps[:pairs] - ref_logps[:pairs]).detach().sum(), (logps[pairs:] - ref_logps[pairs:]).detach().sum(),
+                 torch.tensor(float(pairs), device=self.device)]
+            ).double()
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_drifts = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def on_validation_epoch_end(self) -> None:
+        """Warn when the chosen log-prob fell from the reference's while the margin rose (see the
+        class docstring); the numbers are the validation means over every rank's pairs."""
+        chosen, rejected, pairs = self.sum_across_processes(self._val_drifts).tolist()
+        if pairs == 0 or (self._trainer is not None and self.trainer.sanity_checking):
+            return
+        chosen, rejected = chosen / pairs, rejected / pairs
+        if chosen < 0 and chosen - rejected > 0:
+            rank_zero_warn(
+                f"step {self.global_step}: the chosen responses' log-prob fell by {-chosen:.3f} nats from the "
+                f"reference's while the margin rose to {chosen - rejected:.3f} (the rejected fell by {-rejected:.3f}): "
+                "DPO is lowering the preferred responses too, and greedy outputs can get worse while pair accuracy "
+                f"rises. An NLL term (sft_weight, now {self.sft_weight}) keeps the chosen log-prob up."
+            )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")

@@ -15,6 +15,7 @@ from grape_lightning.models.loading import load_sequence_scorer, load_tokenizer
 from grape_lightning.models.sharding import shard_sequence_scorer
 from grape_lightning.models.scores import last_token_scores
 from grape_lightning.models.spec import ModelSpec
+from grape_lightning.models.tokenizer_check import save_tokenizer
 
 
 class RewardModelModule(L.LightningModule):
@@ -88,5 +89,5 @@ class RewardModelModule(L.LightningModule):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.reward_model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
+        save_tokenizer(self.tokenizer, directory)
         return directory

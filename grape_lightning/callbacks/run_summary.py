@@ -8,7 +8,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 class RunSummary(L.Callback):
     """At the end of ``fit``: validation ``metric`` of the initial policy (logged at step 0 by the
-    on-policy modules) and of the final one, the wall time, and the TensorBoard log directory.
+    on-policy modules, and for SFT and DPO by :class:`GreedyTaskAccuracy`) and of the final one,
+    the wall time, and the TensorBoard log directory.
 
     Args:
         metric: validation metric reported before and after training.

@@ -8,6 +8,7 @@ from typing import Any
 from grape_lightning.data.tasks import Task
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -35,6 +36,9 @@ class TokenizedDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the shuffling order (shuffled afresh each epoch by (seed, epoch)).
     """
+
+    reference_field: str | None = None
+    """The reply of a row that can serve as its reference answer (``reference_rows``), if any."""
 
     def __init__(
         self,
@@ -64,6 +68,9 @@ class TokenizedDataModule(L.LightningDataModule):
         self.seed = seed
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._chat_template: bool | None = None
+        self._reference_rows: dict[str, list[dict[str, Any]]] = {}
+        self.num_lossy = 0  # texts that do not decode back to themselves (see ``note_lossy``)
+        self._first_lossy: str | None = None
 
     def split_rows(
         self, split: str, read_file: Callable[[str], list[dict[str, Any]]], task_rows: Callable[[str], list[dict[str, Any]]]
@@ -76,6 +83,24 @@ class TokenizedDataModule(L.LightningDataModule):
         if self.task is not None and (split == "train" or self.train_file is None):
             return task_rows(split)
         return []
+
+    def from_task(self, split: str) -> bool:
+        """Whether the built-in task (rather than a file) supplies the rows of ``split``."""
+        path = self.train_file if split == "train" else self.val_file
+        return self.task is not None and path is None and (split == "train" or self.train_file is None)
+
+    def _rows(self, split: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def reference_rows(self, split: str = "val") -> list[dict[str, Any]]:
+        """The rows of ``split`` as ``{"prompt", "metadata"}`` for greedy evaluation, with the
+        reference answer in ``metadata["answer"]``: the row's own ``answer`` field when it has one,
+        else its reply named by ``reference_field`` (an SFT completion, a preferred response)."""
+        if split not in self._reference_rows:
+            rows = self._rows(split)
+            default = (lambda row: {"answer": row[self.reference_field]}) if self.reference_field else (lambda row: {})
+            self._reference_rows[split] = [{"prompt": row["prompt"], "metadata": {**default(row), **row["metadata"]}} for row in rows]
+        return self._reference_rows[split]
 
     def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool | None = None) -> None:
         """Use this tokenizer (for code that drives the DataModule without a Trainer)."""
@@ -111,6 +136,25 @@ class TokenizedDataModule(L.LightningDataModule):
         if choice is None and hasattr(module, "policy_spec"):
             choice = module.policy_spec.chat_template
         self.set_tokenizer(module.tokenizer, choice)
+
+    def note_lossy(self, text: Any, ids: list[int], row: dict[str, Any]) -> None:
+        """Count ``text`` if its ids do not decode back to it: characters outside the tokenizer's
+        vocabulary are lost (a tab or non-ASCII text under the character tokenizer). Plain-text
+        prompts and replies only; a chat template rewrites the text anyway."""
+        if not isinstance(text, str) or self.chat_template:
+            return
+        eos = self.tokenizer.eos_token_id
+        body = ids[:-1] if ids and ids[-1] == eos and not text.endswith(str(self.tokenizer.eos_token)) else ids
+        if self.tokenizer.decode(body) != text:
+            self.num_lossy += 1
+            self._first_lossy = self._first_lossy or f"{row['metadata'].get('source', 'task row')}: {text[:60]!r}"
+
+    def report_lossy(self) -> None:
+        if self.num_lossy:
+            rank_zero_warn(
+                f"{type(self).__name__}: {self.num_lossy} texts lose characters in tokenization (first: "
+                f"{self._first_lossy}); the model never sees those characters"
+            )
 
     def _world(self) -> tuple[int, int]:
         if self.trainer is None:

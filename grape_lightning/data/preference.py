@@ -44,6 +44,8 @@ class PreferenceDataModule(TokenizedDataModule):
             separate limit).
     """
 
+    reference_field = "chosen"
+
     def __init__(
         self,
         task: Task | None = None,
@@ -74,6 +76,8 @@ class PreferenceDataModule(TokenizedDataModule):
         for row in rows:
             prompt_ids, chosen_ids = encode_completion(self.tokenizer, row["prompt"], row["chosen"], self.chat_template)
             _, rejected_ids = encode_completion(self.tokenizer, row["prompt"], row["rejected"], self.chat_template)
+            for text, ids in ((row["prompt"], prompt_ids), (row["chosen"], chosen_ids), (row["rejected"], rejected_ids)):
+                self.note_lossy(text, ids, row)
             if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > self.max_length:
                 prompt_ids = prompt_ids[-self.max_prompt_length :]
                 room = self.max_length - len(prompt_ids)
@@ -99,6 +103,7 @@ class PreferenceDataModule(TokenizedDataModule):
             f"{self.num_truncated} truncated, {self.num_skipped} skipped (max_length={self.max_length}, "
             f"max_prompt_length={self.max_prompt_length})"
         )
+        self.report_lossy()
 
     def _loader(self, pairs: list[dict[str, Any]], train: bool) -> ResumableDataLoader:
         return self.make_loader(pairs, partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id), train=train)

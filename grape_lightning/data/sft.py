@@ -32,6 +32,8 @@ class SFTDataModule(TokenizedDataModule):
         pack: pack pairs into rows of ``max_length`` tokens, attention kept within each pair.
     """
 
+    reference_field = "completion"
+
     def __init__(
         self,
         task: Task | None = None,
@@ -61,6 +63,8 @@ class SFTDataModule(TokenizedDataModule):
         pairs = []
         for row in rows:
             prompt_ids, completion_ids = encode_completion(self.tokenizer, row["prompt"], row["completion"], self.chat_template)
+            self.note_lossy(row["prompt"], prompt_ids, row)
+            self.note_lossy(row["completion"], completion_ids, row)
             if len(prompt_ids) >= self.max_length:
                 self.num_skipped += 1
                 continue
@@ -81,6 +85,7 @@ class SFTDataModule(TokenizedDataModule):
             f"SFT data: {len(self.train_pairs)} train / {len(self.val_pairs)} val pairs; "
             f"{self.num_truncated} truncated, {self.num_skipped} skipped (max_length={self.max_length})"
         )
+        self.report_lossy()
 
     def _loader(self, pairs: list[tuple[list[int], list[int]]], train: bool) -> ResumableDataLoader:
         pad = self.tokenizer.pad_token_id

@@ -34,7 +34,10 @@ def dpo_loss(
         hinge:                    max(0, 1 - h)
 
     averaged over pairs. Metrics: implicit rewards beta (l - l_ref) of chosen and rejected, their
-    margin, and accuracy (share of pairs whose chosen reward is higher).
+    margin, accuracy (share of pairs whose chosen reward is higher), the log-probs l, and their
+    drifts l - l_ref from the reference (``logps/chosen_drift``, ``logps/rejected_drift``). The
+    loss only sees the margin: a chosen drift below 0 while the margin grows means both fall, the
+    rejected faster, and probability leaves the preferred responses too.
     """
     delta = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
     h = beta * delta
@@ -57,4 +60,6 @@ def dpo_loss(
         "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
         "logps/chosen": chosen_logps.detach().mean(),
         "logps/rejected": rejected_logps.detach().mean(),
+        "logps/chosen_drift": (chosen_logps - ref_chosen_logps).detach().mean(),
+        "logps/rejected_drift": (rejected_logps - ref_rejected_logps).detach().mean(),
     }

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -10,11 +13,13 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from grape_lightning.assets import builtin_model_path
 from grape_lightning.data.char_tokenizer import build_char_tokenizer, is_char_tokenizer_name
 from grape_lightning.models.spec import ModelSpec
+from grape_lightning.models.tokenizer_check import check_model_fits_tokenizer, tokenizer_differences
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,18 +39,46 @@ def resolve_name(name: str) -> str:
 
 
 def load_tokenizer(spec: ModelSpec | str) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``spec`` with a pad token guaranteed (EOS when the tokenizer has none)."""
+    """The tokenizer of ``spec`` with a pad token guaranteed (EOS when the tokenizer has none).
+
+    A directory's tokenizer loads as its ``tokenizer.json`` says, even where ``AutoTokenizer``
+    would rebuild it differently (see :func:`as_saved`)."""
     name = spec if isinstance(spec, str) else spec.tokenizer_name
     if is_char_tokenizer_name(name):
         tokenizer = build_char_tokenizer()
     else:
         kwargs = {} if isinstance(spec, str) else {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
-        tokenizer = AutoTokenizer.from_pretrained(resolve_name(name), **kwargs)
+        path = resolve_name(name)
+        tokenizer = as_saved(AutoTokenizer.from_pretrained(path, **kwargs), path, **kwargs)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer {name!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def as_saved(tokenizer: PreTrainedTokenizerBase, path: str, **kwargs: object) -> PreTrainedTokenizerBase:
+    """``tokenizer`` (from ``AutoTokenizer``) if it encodes and decodes as the directory's
+    ``tokenizer.json`` does, else the tokenizer ``tokenizer.json`` describes, with a warning.
+
+    For some model types (``qwen2`` among them) ``AutoTokenizer`` ignores the saved pipeline and
+    rebuilds that architecture's own from the vocabulary; a tokenizer of another kind saved with
+    such a model (an older export of the character tokenizer, for one) would then lose its spaces.
+    """
+    if not (Path(path) / "tokenizer.json").is_file():
+        return tokenizer
+    saved = PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
+    if type(saved) is type(tokenizer):
+        return tokenizer
+    differences = tokenizer_differences(saved, tokenizer)
+    if not differences:
+        return tokenizer
+    rank_zero_warn(
+        f"AutoTokenizer loads {path} as {type(tokenizer).__name__}, which differs from its tokenizer.json "
+        f"(first: {differences[0]}); using the tokenizer as saved. Re-save it (tokenizer.save_pretrained) "
+        "with this version of grape_lightning so that AutoTokenizer reloads it faithfully elsewhere."
+    )
+    return saved
 
 
 def load_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -91,6 +124,8 @@ def _load(auto_class: type, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
             model = auto_class.from_config(config, dtype=dtype if dtype != "auto" else None, **extra)
+    source = spec.name_or_path if spec.name_or_path is not None else "<config>"
+    check_model_fits_tokenizer(model, tokenizer, source, same_source=spec.tokenizer in (None, spec.name_or_path))
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

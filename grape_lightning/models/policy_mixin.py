@@ -18,6 +18,7 @@ from grape_lightning.models.loading import load_causal_lm, load_tokenizer
 from grape_lightning.models.logprobs import TokenLogprobs, response_logprobs
 from grape_lightning.models.lora import LoRAPolicy
 from grape_lightning.models.spec import ModelSpec
+from grape_lightning.models.tokenizer_check import save_tokenizer
 from grape_lightning.models.value import ValueModel
 
 ValueKind = Literal["none", "head", "separate"]
@@ -170,13 +171,15 @@ class PolicyModelsMixin:
         directory.mkdir(parents=True, exist_ok=True)
         model = self.policy if self.lora is None else self.lora.merged_copy()
         model.config.use_cache = True
+        try:
+            model.save_pretrained(directory, safe_serialization=True)
+        finally:
+            model.config.use_cache = False
         # A decoder-only model generates a batch from left-padded prompts; the saved tokenizer says so.
         padding_side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
         try:
-            model.save_pretrained(directory, safe_serialization=True)
-            self.tokenizer.save_pretrained(directory)
+            save_tokenizer(self.tokenizer, directory)
         finally:
-            model.config.use_cache = False
             self.tokenizer.padding_side = padding_side
         return directory
 

@@ -18,7 +18,8 @@ class RewardModelScore(RewardFunction):
     """r(x, y) of a Bradley-Terry reward model saved in Hugging Face format (for example by
     ``configs/reward_model.yaml``), in the same prompt/response format it was trained on.
 
-    ``path`` is a directory, a hub id or ``grape/<name>``; the model loads on first use, onto the
+    ``path`` is a directory, a hub id or ``grape/<name>``; ``tokenizer`` (default: the model's) is
+    any tokenizer spec a policy accepts, ``"grape/char"`` included. The model loads on first use, onto the
     current CUDA device when there is one (``device="auto"``), and scores ``batch_size`` responses
     at a time with gradients off.
 
@@ -34,6 +35,7 @@ class RewardModelScore(RewardFunction):
     def __init__(
         self,
         path: str,
+        tokenizer: str | None = None,
         batch_size: int = 64,
         device: str = "auto",
         chat_template: bool | None = None,
@@ -43,6 +45,7 @@ class RewardModelScore(RewardFunction):
     ) -> None:
         super().__init__(weight, name or "reward_model")
         self.path = path
+        self.tokenizer_name = tokenizer
         self.batch_size = batch_size
         self.device = device
         self.chat_template_choice = chat_template
@@ -50,7 +53,7 @@ class RewardModelScore(RewardFunction):
         self._model: torch.nn.Module | None = None
 
     def _load(self) -> None:
-        spec = ModelSpec(name_or_path=self.path)
+        spec = ModelSpec(name_or_path=self.path, tokenizer=self.tokenizer_name)
         self.tokenizer = load_tokenizer(spec)
         self.chat_template = uses_chat_template(self.tokenizer, self.chat_template_choice)
         device = self.device

@@ -23,6 +23,7 @@ object); ``python`` takes ``function`` ("package.module:function"); ``unit_tests
 (Python source run after the response's code; otherwise the metadata's ``tests``), ``timeout``
 (seconds), ``memory_mb`` and ``allow_unsandboxed`` (see :class:`~grape_lightning.rewards.UnitTests`:
 model output runs only inside an OS-level sandbox unless this is set); ``exact_match`` / ``numeric_match`` read ``answer_key`` (default "answer").
+A ``reward_model`` item may name its ``tokenizer`` (default: the model's own).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ CHECKS = ("exact_match", "numeric_match", "regex", "json_schema", "python", "uni
 _ITEM_KEYS = {
     "verifiable": {"check", "pattern", "schema", "function", "tests", "timeout", "memory_mb", "allow_unsandboxed", "answer_key", "tolerance"},
     "judged": {"critic", "question"},
-    "reward_model": {"path"},
+    "reward_model": {"path", "tokenizer"},
 }
 _REQUIRED_PARAMS = {"regex": "pattern", "json_schema": "schema", "python": "function"}
 

@@ -75,7 +75,7 @@ class RubricScorer:
                     )
                 self.evaluators.append(self.critics[item.params["critic"]])
             else:
-                self.evaluators.append(RewardModelScore(item.params["path"]))
+                self.evaluators.append(RewardModelScore(item.params["path"], tokenizer=item.params.get("tokenizer")))
 
     @property
     def keys(self) -> list[str]:

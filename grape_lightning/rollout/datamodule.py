@@ -86,6 +86,7 @@ class RolloutDataModule(TokenizedDataModule):
         items = []
         for row in rows:
             ids = encode_prompt(self.tokenizer, row["prompt"], self.chat_template)
+            self.note_lossy(row["prompt"], ids, row)
             if len(ids) > self.max_prompt_length:
                 self.num_skipped += 1
                 continue
@@ -103,6 +104,7 @@ class RolloutDataModule(TokenizedDataModule):
             f"Rollout prompts: {len(self.train_items)} train / {len(self.val_items)} val, "
             f"{self.num_skipped} skipped as longer than {self.max_prompt_length} tokens; group size {self.group_size}"
         )
+        self.report_lossy()
 
     def train_dataloader(self) -> ResumableDataLoader:
         return self.make_loader(self.train_items, partial(collate_prompts, group_size=self.group_size), train=True)

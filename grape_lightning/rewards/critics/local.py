@@ -26,6 +26,7 @@ class LocalLMCritic(Critic):
 
     Args:
         model: directory, hub id or ``grape/<name>`` of the judging causal LM.
+        tokenizer: any tokenizer spec a policy accepts (``"grape/char"`` included); None: the model's own.
         yes_words: spellings whose first token counts as "yes".
         no_words: spellings whose first token counts as "no".
         batch_size: requests judged per forward pass.
@@ -37,6 +38,7 @@ class LocalLMCritic(Critic):
     def __init__(
         self,
         model: str,
+        tokenizer: str | None = None,
         yes_words: tuple[str, ...] = ("yes", "Yes", " yes", " Yes"),
         no_words: tuple[str, ...] = ("no", "No", " no", " No"),
         batch_size: int = 32,
@@ -44,6 +46,7 @@ class LocalLMCritic(Critic):
         chat_template: bool | None = None,
     ) -> None:
         self.model_name = model
+        self.tokenizer_name = tokenizer
         self.yes_words, self.no_words = yes_words, no_words
         self.batch_size = batch_size
         self.device = device
@@ -55,16 +58,20 @@ class LocalLMCritic(Critic):
         return sorted(ids)
 
     def _load(self) -> None:
-        spec = ModelSpec(name_or_path=self.model_name)
+        spec = ModelSpec(name_or_path=self.model_name, tokenizer=self.tokenizer_name)
         self.tokenizer = load_tokenizer(spec)
         self.chat_template = uses_chat_template(self.tokenizer, self.chat_template_choice)
         device = self.device
         if device == "auto":
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         self._model = load_causal_lm(spec, self.tokenizer).to(device).eval().requires_grad_(False)
-        self.yes_ids, self.no_ids = self._first_token_ids(self.yes_words), self._first_token_ids(self.no_words)
-        if set(self.yes_ids) & set(self.no_ids):
-            raise ValueError(f"yes and no words share a first token for {self.model_name!r}")
+        yes_ids, no_ids = self._first_token_ids(self.yes_words), self._first_token_ids(self.no_words)
+        # A first token both sides share (" " of " yes" and " no" under a character tokenizer)
+        # tells them apart no more than any other token: it counts for neither.
+        shared = set(yes_ids) & set(no_ids)
+        self.yes_ids, self.no_ids = [i for i in yes_ids if i not in shared], [i for i in no_ids if i not in shared]
+        if not self.yes_ids or not self.no_ids:
+            raise ValueError(f"every first token of the yes or the no words is shared by the other side for {self.model_name!r}")
 
     def prompt(self, request: JudgeRequest) -> str:
         return judging_text(request) + "\nDoes the response meet the criterion? Answer yes or no:"
