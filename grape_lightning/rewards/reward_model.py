@@ -25,6 +25,7 @@ class RewardModelScore(RewardFunction):
 
     Args:
         path: directory, hub id or ``grape/<name>`` of a saved sequence-classification reward model.
+        tokenizer: any tokenizer spec a policy accepts (``"grape/char"`` included); None: the model's own.
         batch_size: responses scored per forward pass.
         device: ``auto`` (the current CUDA device, else CPU), ``cpu`` or ``cuda:N``.
         chat_template: None: use the tokenizer's chat template if it has one; True: require one; False:
