@@ -35,11 +35,24 @@ def fenced_blocks(path: Path, language: str) -> list[tuple[int, str]]:
     return blocks
 
 
+HEREDOC = re.compile(r"<<-?\s*'?(\w+)'?")
+
+
 def shell_commands(block: str) -> list[list[str]]:
     """The simple commands of a shell block: continuations joined, comments dropped, ``&&``
     chains split, launcher prefixes (``srun``, ``torchrun ... -m grape_lightning.cli``) removed."""
     commands = []
-    for line in block.replace("\\\n", " ").splitlines():
+    lines = block.replace("\\\n", " ").splitlines()
+    while lines:
+        line = lines.pop(0)
+        heredoc = HEREDOC.search(line)
+        if heredoc:  # ``python - <<'PY'`` ... ``PY``: the command, "<<", and the text it reads
+            body = []
+            while lines and lines[0].strip() != heredoc.group(1):
+                body.append(lines.pop(0))
+            lines = lines[1:]
+            commands.append([*shlex.split(line[: heredoc.start()]), "<<", "\n".join(body)])
+            continue
         words = shlex.split(line, comments=True)
         while words:
             cut = words.index("&&") if "&&" in words else len(words)
@@ -64,13 +77,14 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 
 COMMANDS = documented_commands()
 GRAPE = [(name, command) for name, command in COMMANDS if command[0] == "grape"]
-SCRIPTS = [(name, command) for name, command in COMMANDS if command[:2] == ["python", command[1]] and command[1].startswith("scripts/")]
+SCRIPTS = [(name, command) for name, command in COMMANDS if command[0] == "python" and command[1:2] and command[1].startswith("scripts/")]
+PYTHON_INPUTS = [(name, command) for name, command in COMMANDS if command[:3] == ["python", "-", "<<"]]
 # commands that set up the reader's machine, not the library's
 SETUP = {"python -m venv", "pip install", ". .venv/bin/activate", "python -m pytest", "#!/bin/bash"}
 
 
 def test_every_documented_command_is_checked():
-    unchecked = [name for name, command in COMMANDS if (name, command) not in GRAPE + SCRIPTS
+    unchecked = [name for name, command in COMMANDS if (name, command) not in GRAPE + SCRIPTS + PYTHON_INPUTS
                  and not any(" ".join(command).startswith(prefix) for prefix in SETUP)]
     assert not unchecked, f"documented commands that no test runs: {unchecked}"
     assert len(GRAPE) >= 15 and SCRIPTS
@@ -124,6 +138,19 @@ def test_own_data_command_trains(workdir):
     events = EventAccumulator(str(workdir / "runs/sft/version_0"))
     events.Reload()
     assert {"train/loss", "val/loss"} <= set(events.Tags()["scalars"])
+
+
+def test_prompt_file_example_trains(workdir):
+    """The worked example from prompt JSONL to a GRPO run: its Python writes the files, then the
+    documented command trains on them (a few steps)."""
+    import subprocess
+    import sys
+
+    (name, writer), = [(name, command) for name, command in PYTHON_INPUTS if "_prompts.jsonl" in command[3]]
+    subprocess.run([sys.executable, "-"], input=writer[3], text=True, cwd=workdir, check=True, timeout=120)
+    command = _documented("grape fit --config configs/grpo.yaml --data.init_args.train_file train_prompts.jsonl")
+    result = run_grape(*command[1:], *SHORT, "--data.init_args.batch_size", "2", cwd=workdir)
+    assert "val/accuracy: before" in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("name, command", SCRIPTS, ids=[name for name, _ in SCRIPTS])
