@@ -132,7 +132,8 @@ class GRAPEModule(GRPOModule):
             or not (``none``).
         aggregation: loss over tokens: ``sequence`` (mean per sequence, then over sequences), ``token``
             or ``constant``.
-        kl_estimator: KL estimator: ``k1``, ``k2`` or ``k3``.
+        kl_estimator: KL term of the loss: ``k3`` (its gradient is that of KL(ref || pi)) or ``k2``
+            (that of KL(pi || ref)); ``k1`` is refused, its expected gradient being 0.
         num_iterations: passes over each rollout batch.
         mini_batch_size: sequences per optimizer step (None: the whole rollout batch).
         filter_tied_groups: drop groups whose rewards all tie from the loss.
