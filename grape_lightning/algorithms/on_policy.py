@@ -266,7 +266,7 @@ class OnPolicyModule(PolicyModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = self.collect_rollout(batch)
         self.last_invalid_rewards = InvalidRewards.of(
-            rollout.reward_terms, rollout.valid.cpu(), rollout.prompts, rollout.responses, rollout.metadata
+            rollout.reward_terms, rollout.valid, rollout.prompts, rollout.responses, rollout.metadata
         )
         self._log_rollout(rollout, "train")
         self.update(rollout)
