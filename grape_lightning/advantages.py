@@ -1,15 +1,23 @@
-"""Baselines and advantages: group-relative, leave-one-out, batch mean, whitening; per-token GAE.
+"""Advantages: one entry point, :func:`compute_advantages`, with one vocabulary.
+
+    A = scale(r - b)
+
+- baseline b: ``none`` (0), ``mean`` (of the response's group: the other samples of its prompt
+  and itself), ``batch_mean`` (of every valid reward of the batch, every process's),
+  ``leave_one_out`` (of the *other* members of its group, RLOO), ``moving_average`` (an
+  exponential moving average of past batch means) or ``value`` (a value model: per-token GAE);
+- scaling: ``none``, ``group`` (divide by the std of the group's rewards), ``batch`` (by the std
+  of the batch's rewards, every process's) or ``whiten`` (subtract the batch mean of r - b and
+  divide by its std, every process's).
 
 Rewards are per sequence ([batch]); ``groups[i]`` is the index of the prompt that response i
-answers (responses of one prompt share it). ``valid[i]`` is False for a reward that could not be
-computed: such a response takes no part in any statistic and gets advantage 0.
+answers (responses of one prompt share it, and never straddle processes). ``valid[i]`` is False
+for a reward that could not be computed: such a response takes no part in any statistic and gets
+advantage 0. Batch statistics are sums over every process (``sum_across``), so several processes
+compute the advantages of their global batch.
 
-Two standard deviations, on purpose. Group and batch scaling of sequence rewards (GRPO, GRAPE,
-TRPO) divide by the unbiased std, sqrt(sum (r - mean)^2 / (n - 1)), as GRPO does (``torch.std``):
-its groups are small, where the two differ (sqrt(n / (n - 1)) = 1.155 for n = 4). Whitening of
-PPO's per-token advantages and its reward scale use the population std, sqrt(M2 / n), as PPO
-implementations do: over the tokens of a batch the two agree to a fraction of a percent, and
-whitened values then have mean square exactly 1. Each function names the one it uses.
+One standard deviation everywhere: the unbiased one, sqrt(sum (x - mean)^2 / (n - 1)) over the n
+valid entries (``torch.std``'s), 0 for a group of one (and 1 in place of an undefined batch std).
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+Baseline = Literal["none", "mean", "batch_mean", "leave_one_out", "moving_average", "value"]
+Scaling = Literal["none", "group", "batch", "whiten"]
 RewardScaling = Literal["group", "batch", "none"]
 
 
@@ -63,7 +73,7 @@ def group_relative_advantages(
     """GRPO: A_i = (r_i - mean_{g(i)} r) / (std + eps), std of the group, of the batch, or 1 (none).
 
     The std is the unbiased one, sqrt(sum (r - mean)^2 / (n - 1)) over the n valid rewards of the
-    group (of the batch), 0 for a group of one; not :func:`whiten`'s population std. With
+    group (of the batch), 0 for a group of one, as everywhere in this module. With
     eps = 0 a group's advantages have unbiased std 1. ``scaling="none"`` is Dr. GRPO's unscaled
     advantage r_i - mean_group r.
     """
@@ -90,18 +100,17 @@ def leave_one_out_baseline(rewards: Tensor, groups: Tensor, valid: Tensor | None
     return torch.where(valid & (stats.count[groups] >= 2), baseline, torch.where(valid, rewards, 0.0))
 
 
-def batch_mean_baseline(rewards: Tensor, valid: Tensor | None = None) -> Tensor:
-    """b = mean of the valid rewards of the batch (same for every response)."""
-    valid = _valid(rewards, valid)
-    mean = rewards[valid].mean() if valid.any() else rewards.new_zeros(())
-    return mean.expand_as(rewards)
-
-
 SumAcross = Callable[[Tensor], Tensor]
 
 
 def _this_process(tensor: Tensor) -> Tensor:
     return tensor
+
+
+def batch_mean_baseline(rewards: Tensor, valid: Tensor | None = None, sum_across: SumAcross = _this_process) -> Tensor:
+    """b = mean of the valid rewards of the batch, every process's (the same for every response; 0 for none)."""
+    count, mean, _ = masked_moments(rewards, _valid(rewards, valid), sum_across)
+    return mean.to(rewards.dtype).expand_as(rewards)
 
 
 def masked_moments(values: Tensor, mask: Tensor, sum_across: SumAcross = _this_process) -> Tensor:
@@ -123,14 +132,13 @@ def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1
     """(v - mean) / (std + eps) over the entries where ``mask`` is set (padding ignored), of every
     process with ``sum_across`` (see :func:`masked_moments`); zeros elsewhere.
 
-    The std is the population one, sqrt(M2 / n) over the n masked entries (1 for n <= 1), so the
-    whitened entries have mean 0 and mean square 1; not the unbiased std of
-    :func:`group_relative_advantages` (see the module docstring).
+    The std is the unbiased one, sqrt(M2 / (n - 1)) over the n masked entries (1 for n <= 1), so
+    the whitened entries have mean 0 and unbiased std 1.
     ``shift_mean=False`` only rescales (keeps the sign of every advantage).
     """
     mask = mask.bool()
     count, mean, m2 = masked_moments(values, mask, sum_across)
-    std = (m2 / count).sqrt() if count > 1 else torch.ones_like(mean)
+    std = (m2 / (count - 1)).sqrt() if count > 1 else torch.ones_like(mean)
     mean, std = mean.to(values.dtype), std.to(values.dtype)
     whitened = (values - mean) / (std + eps)
     if not shift_mean:
@@ -197,16 +205,17 @@ def merge_moments(a: Tensor, b: Tensor) -> Tensor:
 
 
 def moments_std(moments: Tensor) -> float:
-    """The population standard deviation of a (count, mean, M2) stream; 1 while it is undefined or 0."""
+    """The (unbiased) standard deviation of a (count, mean, M2) stream; 1 while it is undefined or 0."""
     count, m2 = float(moments[0]), float(moments[2])
-    std = (m2 / count) ** 0.5 if count > 1 else 0.0
+    std = (m2 / (count - 1)) ** 0.5 if count > 1 else 0.0
     return std if std > 0 else 1.0
 
 
 def masked_mean_std(values: Tensor, mask: Tensor, sum_across: SumAcross = _this_process) -> tuple[float, float]:
-    """Mean and (population) standard deviation of the masked entries of every process; (0, 0) for none."""
+    """Mean and (unbiased) standard deviation of the masked entries of every process; (0, 0) for
+    none, std 0 for one."""
     count, mean, m2 = masked_moments(values, mask, sum_across).tolist()
-    return (mean, (m2 / count) ** 0.5) if count > 0 else (0.0, 0.0)
+    return (mean, (m2 / (count - 1)) ** 0.5 if count > 1 else 0.0) if count > 0 else (0.0, 0.0)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, sum_across: SumAcross = _this_process) -> float:
@@ -217,3 +226,127 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, sum_across
     if target_std == 0.0:
         return 0.0
     return 1.0 - residual_std**2 / target_std**2
+
+
+# ------------------------------------------------------------------------------------------------
+# The entry point
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdvantageConfig:
+    """A = scale(r - b) (see the module docstring for the vocabulary).
+
+    Args:
+        baseline: ``none``, ``mean`` (of the group), ``batch_mean``, ``leave_one_out``,
+            ``moving_average`` or ``value`` (a value model, per-token GAE: PPO).
+        scaling: ``none``, ``group`` (std of the group's rewards), ``batch`` (std of the batch's
+            rewards) or ``whiten`` (batch mean and std of r - b).
+        eps: added to the std it divides by.
+        momentum: of the ``moving_average`` baseline, b <- momentum b + (1 - momentum) batch mean.
+        gamma: discount factor of the ``value`` baseline's GAE.
+        lam: lambda of the ``value`` baseline's GAE.
+    """
+
+    baseline: Baseline = "mean"
+    scaling: Scaling = "group"
+    eps: float = 1e-4
+    momentum: float = 0.9
+    gamma: float = 1.0
+    lam: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.baseline not in Baseline.__args__:  # type: ignore[attr-defined]
+            raise ValueError(f"advantage.baseline must be one of {Baseline.__args__}, got {self.baseline!r}")  # type: ignore[attr-defined]
+        if self.scaling not in Scaling.__args__:  # type: ignore[attr-defined]
+            raise ValueError(f"advantage.scaling must be one of {Scaling.__args__}, got {self.scaling!r}")  # type: ignore[attr-defined]
+        if self.baseline == "value" and self.scaling not in ("none", "whiten"):
+            raise ValueError(f"advantage.scaling {self.scaling!r} scales sequence rewards; with baseline 'value' use 'none' or 'whiten'")
+
+    @property
+    def per_group(self) -> bool:
+        """Whether the advantages compare the members of a group (they need ``group_size`` >= 2)."""
+        return self.baseline in ("mean", "leave_one_out") or self.scaling == "group"
+
+
+class MovingAverageBaseline(nn.Module):
+    """b_k = momentum b_{k-1} + (1 - momentum) mean_k, over the batch means of the run's rollouts;
+    the first batch uses its own mean. Buffers, so checkpoints carry it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("value", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    def __call__(self, batch_mean: Tensor, momentum: float) -> Tensor:
+        """The baseline of this batch (the average *before* this batch; its own mean the first time)."""
+        baseline = torch.where(self.started, self.value, batch_mean.to(self.value.dtype))
+        self.value.copy_(momentum * baseline + (1 - momentum) * batch_mean)
+        self.started.fill_(True)
+        return baseline
+
+
+@dataclass
+class Advantages:
+    advantages: Tensor  # [N] per sequence, or [N, T] per token (baseline "value")
+    returns: Tensor | None = None  # [N, T] value targets R_t = A_t + V_t (baseline "value"), before scaling
+
+
+def compute_advantages(
+    config: AdvantageConfig,
+    rewards: Tensor,
+    groups: Tensor,
+    valid: Tensor,
+    *,
+    sum_across: SumAcross = _this_process,
+    moving_average: MovingAverageBaseline | None = None,
+    values: Tensor | None = None,
+    token_mask: Tensor | None = None,
+) -> Advantages:
+    """A = scale(r - b) for the responses of one rollout (every process calls it, in the same order).
+
+    ``rewards`` [N] per sequence; for baseline ``value``, per token [N, T] (see :func:`token_rewards`)
+    with ``values`` V_old [N, T] and ``token_mask`` the tokens that count: then A, R = GAE(r, V)
+    (:func:`gae`). ``moving_average`` holds the state of baseline ``moving_average``.
+    """
+    valid = _valid(rewards, valid) if rewards.dim() == 1 else valid
+    if config.baseline == "value":
+        if values is None or token_mask is None:
+            raise ValueError("baseline 'value' needs the value model's values and the token mask")
+        advantages, returns = gae(rewards, values, token_mask, config.gamma, config.lam)
+        if config.scaling == "whiten":
+            advantages = whiten(advantages, token_mask, eps=config.eps, sum_across=sum_across)
+        return Advantages(advantages, returns)
+
+    baseline = _baseline(config, rewards, groups, valid, sum_across, moving_average)
+    centred = torch.where(valid, rewards - baseline, 0.0)
+    if config.scaling == "group":
+        centred = centred / (group_statistics(rewards, groups, valid).std[groups] + config.eps)
+    elif config.scaling == "batch":
+        count, _, m2 = masked_moments(rewards, valid, sum_across)
+        std = (m2 / (count - 1)).sqrt() if count >= 2 else torch.ones_like(m2)
+        centred = centred / (std.to(rewards.dtype) + config.eps)
+    elif config.scaling == "whiten":
+        centred = whiten(centred, valid, eps=config.eps, sum_across=sum_across)
+    return Advantages(torch.where(valid, centred, 0.0))
+
+
+def _baseline(
+    config: AdvantageConfig, rewards: Tensor, groups: Tensor, valid: Tensor, sum_across: SumAcross,
+    moving_average: MovingAverageBaseline | None,
+) -> Tensor:
+    if config.baseline == "none":
+        return torch.zeros_like(rewards)
+    if config.baseline == "mean":
+        return group_statistics(rewards, groups, valid).mean[groups]
+    if config.baseline == "leave_one_out":
+        return leave_one_out_baseline(rewards, groups, valid)
+    batch_mean = batch_mean_baseline(rewards, valid, sum_across)
+    if config.baseline == "batch_mean":
+        return batch_mean
+    if moving_average is None:
+        raise ValueError("baseline 'moving_average' needs its state (a MovingAverageBaseline)")
+    count = masked_moments(rewards, valid, sum_across)[0]
+    if count == 0:  # no reward this batch: the average stays, and so does the baseline
+        return torch.where(moving_average.started, moving_average.value, 0.0).to(rewards.dtype).expand_as(rewards)
+    return moving_average(batch_mean[0], config.momentum).to(rewards.dtype).expand_as(rewards)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from grape_lightning.algorithms import GRPOModule, OptimizerConfig, REINFORCEModule
+from grape_lightning.algorithms import AdvantageConfig, GRPOModule, OptimizerConfig, REINFORCEModule, SurrogateConfig, UpdateConfig
 from grape_lightning.algorithms.rejection_sampling import select_best
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.rewards import NumericMatch, RewardFunction
@@ -41,7 +41,7 @@ def _trainer(tmp_path, max_steps, **kwargs):
 
 
 def test_invalid_rewards_are_masked_out_and_counted(tmp_path):
-    module = GRPOModule(tiny_spec(), rewards=[SometimesMissing()], sampling=SamplingParams(max_new_tokens=4), beta=0.01)
+    module = GRPOModule(tiny_spec(), rewards=[SometimesMissing()], sampling=SamplingParams(max_new_tokens=4), loss=SurrogateConfig(beta=0.01))
     datamodule = _datamodule()
     datamodule.set_tokenizer(module.tokenizer)
     datamodule.setup()
@@ -74,7 +74,7 @@ def test_first_iteration_ratio_is_one_and_old_logprobs_match_sampler():
 def test_grpo_takes_iterations_times_minibatches_steps(tmp_path):
     module = GRPOModule(
         tiny_spec(), rewards=[NumericMatch()], sampling=SamplingParams(max_new_tokens=3),
-        num_iterations=2, mini_batch_size=8, micro_batch_size=3, beta=0.0,
+        update=UpdateConfig(epochs=2, mini_batch_size=8, micro_batch_size=3), loss=SurrogateConfig(beta=0.0),
     )
     trainer = _trainer(tmp_path, 8)
     trainer.fit(module, _datamodule())  # 16 sequences a rollout: 2 iterations x 2 mini-batches
@@ -91,7 +91,7 @@ def test_select_best_keeps_top_k_per_group_above_threshold():
     assert select_best(rewards, groups, valid, 1, None).tolist() == [False, True, False, False, True, False, False, False]
 
 
-@pytest.mark.parametrize("module_class, options", [(GRPOModule, {"beta": 0.02}), (REINFORCEModule, {"baseline": "moving_average"})])
+@pytest.mark.parametrize("module_class, options", [(GRPOModule, {"loss": SurrogateConfig(beta=0.02)}), (REINFORCEModule, {"advantage": AdvantageConfig("moving_average", "none")})])
 def test_resume_mid_run_reproduces_the_uninterrupted_run(tmp_path, module_class, options):
     def make():
         L.seed_everything(0)
@@ -126,7 +126,7 @@ def test_strategies_the_manual_update_cannot_run_under_are_refused_with_the_way_
         module._trainer = SimpleNamespace(strategy=object.__new__(strategy_class))
         return module
 
-    grpo = GRPOModule(tiny_spec(), rewards=[NumericMatch()], beta=0.0)
+    grpo = GRPOModule(tiny_spec(), rewards=[NumericMatch()], loss=SurrogateConfig(beta=0.0))
     with pytest.raises(ValueError, match="--trainer.strategy fsdp2"):
         attached(grpo, FSDPStrategy).check_strategy()
     attached(grpo, FSDP2Strategy).check_strategy()  # FSDP2 runs GRPO

@@ -2,7 +2,7 @@
 
 from grape_lightning.algorithms.base import PolicyModule
 from grape_lightning.algorithms.dpo import DPOModule
-from grape_lightning.algorithms.grape import GRAPEModule, OffPolicyConfig
+from grape_lightning.algorithms.grape import GRAPEModule
 from grape_lightning.algorithms.grpo import GRPOModule
 from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.algorithms.optim import OptimizerConfig
@@ -11,9 +11,13 @@ from grape_lightning.algorithms.reinforce import REINFORCEModule
 from grape_lightning.algorithms.rejection_sampling import RejectionSamplingModule
 from grape_lightning.algorithms.reward_model import RewardModelModule
 from grape_lightning.algorithms.sft import SFTModule
+from grape_lightning.algorithms.surrogate_update import SurrogateConfig
 from grape_lightning.algorithms.trpo import TRPOModule
+from grape_lightning.algorithms.update_loop import UpdateConfig
+from grape_lightning.advantages import AdvantageConfig
+from grape_lightning.rollout.off_policy import OffPolicyConfig
 
 __all__ = [
-    "DPOModule", "GRAPEModule", "GRPOModule", "OffPolicyConfig", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "PPOModule", "REINFORCEModule",
+    "AdvantageConfig", "SurrogateConfig", "UpdateConfig", "DPOModule", "GRAPEModule", "GRPOModule", "OffPolicyConfig", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "PPOModule", "REINFORCEModule",
     "RejectionSamplingModule", "RewardModelModule", "SFTModule", "TRPOModule",
 ]

@@ -8,6 +8,7 @@ import types
 from typing import Any
 
 import lightning as L
+import torch
 from torch import Tensor, nn
 
 from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer, fused_optimizer_allowed
@@ -80,6 +81,14 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
         if self._trainer is None:
             return tensor
         return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def gather_counts(self, count: int) -> list[int]:
+        """``count`` of every process, in rank order (``[count]`` in one process or without a trainer).
+        Every process must call it, in the same order."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return [count]
+        gathered = self.trainer.strategy.all_gather(torch.tensor([count], device=self.device))
+        return [int(value) for value in gathered.flatten().tolist()]
 
     @property
     def data_parallel_size(self) -> int:

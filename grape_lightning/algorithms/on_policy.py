@@ -1,7 +1,7 @@
-"""Shared machinery of the on-policy algorithms: sample, score, then let the subclass update.
+"""The on-policy data flow: prompts -> rollout -> scores -> advantages -> loss -> step.
 
-    prompts (RolloutDataModule) -> generate (engine) -> score (rewards) -> old / reference log-probs
-      -> ``update(rollout)`` (the algorithm) -> optimizer steps
+    prompts (RolloutDataModule) -> RolloutCollector (generate, score, pi_old / reference log-probs)
+      -> ``update(rollout)`` (the algorithm: advantages, loss) -> run_update (optimizer steps)
 
 Optimisation is manual, since one rollout batch may feed several optimizer steps. Lightning's
 ``global_step`` counts optimizer steps, so ``max_steps`` is a number of optimizer steps; each
@@ -10,9 +10,7 @@ algorithm documents how many it takes per rollout batch.
 
 from __future__ import annotations
 
-import time
 import warnings
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,12 +19,13 @@ from torch import Tensor
 
 from grape_lightning.algorithms.base import PolicyModule, as_dataclass
 from grape_lightning.algorithms.optim import OptimizerConfig
-from grape_lightning.models.logprobs import response_logprobs
 from grape_lightning.models.spec import ModelSpec
-from grape_lightning.rewards.base import RewardFunction
-from grape_lightning.rewards.combined import CombinedReward, InvalidRewards, RewardScores
+from grape_lightning.algorithms.update_loop import UpdateConfig
+from grape_lightning.rewards.combined import InvalidRewards
+from grape_lightning.rewards.scorer import Scorer, Scores
 from grape_lightning.rollout.batch import Rollout, minibatch_indices
-from grape_lightning.rollout.engine import Generation, GenerationEngine
+from grape_lightning.rollout.collector import RolloutCollector
+from grape_lightning.rollout.off_policy import OffPolicyResponses
 from grape_lightning.rollout.sampling import SamplingParams
 from grape_lightning.rollout.static_cache_engine import build_engine
 
@@ -34,6 +33,10 @@ from grape_lightning.rollout.static_cache_engine import build_engine
 # A checkpoint of an on-policy module holds the weights after the rollout's update, which is what a
 # resumed run continues from (it samples a fresh rollout); Lightning's reminder does not apply.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+def _unscored(prompts: list[str], responses: list[str], metadata: list[dict[str, Any]], groups: Tensor) -> Scores:
+    raise ValueError("this module was built without rewards: pass them to train or evaluate it")
 
 
 def derive_seed(*parts: int) -> int:
@@ -45,49 +48,49 @@ def derive_seed(*parts: int) -> int:
 
 
 class OnPolicyModule(PolicyModule):
-    """Base of REINFORCE, rejection sampling, GRPO (and PPO, TRPO, GRAPE).
+    """The data flow every on-policy algorithm shares, each training step:
+
+        rollout = collect(prompts)     generate, score, pi_old / reference log-probs (rollout/)
+        update(rollout)                the algorithm: advantages, loss, optimizer steps
+
+    A subclass builds its scorer and defines :meth:`update` (with :func:`run_update` for its
+    optimizer steps) and, when its first step reads pi_old off its own forward pass, turns
+    :attr:`needs_old_logprobs` off.
 
     Args:
         policy: the model to train (a :class:`ModelSpec`).
-        rewards: reward functions, combined as sum_k w_k r_k (the first is the "primary" one that
-            defines ``val/accuracy``: the share of greedy responses it scores 1).
+        scorer: scores the responses (None: a module loaded for export or inspection).
         sampling: sampling parameters of the training rollouts.
+        optimizer: AdamW and learning-rate schedule (defaults when None).
+        update: epochs, mini- and micro-batches, clipping (:class:`UpdateConfig`).
         reference: keep a frozen copy of the initial policy (for KL terms).
-        micro_batch_size: sequences per forward/backward (gradients accumulate up to a step).
-        max_grad_norm: clip the global gradient norm before each step (None: no clipping).
         seed: seeds sampling; the generator of a rollout is derived from (seed, rank, step), so a
             resumed run samples what the uninterrupted run would have.
-        optimizer: AdamW and learning-rate schedule (defaults when None).
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
-        logprob_chunk_size: response tokens per chunk of the LM-head log-prob computation (bounds the
-            [tokens, vocab] memory).
+        off_policy: responses added to each sample set besides the policy's samples (GRAPE).
     """
 
     def __init__(
         self,
         policy: ModelSpec,
-        rewards: Sequence[RewardFunction] | None = None,
+        scorer: Scorer | None = None,
         sampling: SamplingParams | None = None,
         optimizer: OptimizerConfig | None = None,
+        update: UpdateConfig | None = None,
         reference: bool = False,
-        micro_batch_size: int = 64,
-        max_grad_norm: float | None = 1.0,
-        gradient_checkpointing: bool = False,
-        logprob_chunk_size: int = 1024,
         seed: int = 0,
+        off_policy: OffPolicyResponses | None = None,
     ) -> None:
         super().__init__(optimizer)
         self.automatic_optimization = False
         policy = as_dataclass(policy, ModelSpec)
         self.sampling = as_dataclass(sampling, SamplingParams) or SamplingParams()
-        self.save_plain_hyperparameters(policy=policy, sampling=self.sampling, optimizer=self.optimizer_config)
-        self.build_models(policy, reference=reference, gradient_checkpointing=gradient_checkpointing)
-        # None only when a checkpoint is loaded for export or inspection; training needs rewards.
-        self.reward = CombinedReward(list(rewards)) if rewards else None
-        self.engine: GenerationEngine = build_engine(self.sampling.engine, self.tokenizer)
-        self.micro_batch_size = micro_batch_size
-        self.max_grad_norm = max_grad_norm
-        self.logprob_chunk_size = logprob_chunk_size
+        self.update_config: UpdateConfig = as_dataclass(update, UpdateConfig) or UpdateConfig()
+        self.save_plain_hyperparameters(policy=policy, sampling=self.sampling, optimizer=self.optimizer_config, update=self.update_config)
+        self.build_models(policy, reference=reference, gradient_checkpointing=self.update_config.gradient_checkpointing)
+        self.collector = RolloutCollector(
+            build_engine(self.sampling.engine, self.tokenizer), scorer or _unscored, off_policy,
+            self.update_config.micro_batch_size, self.update_config.logprob_chunk_size,
+        )
         self.seed = seed
         self.last_samples: list[dict[str, Any]] = []
         self.last_invalid_rewards: InvalidRewards | None = None  # of the last training rollout
@@ -140,7 +143,7 @@ class OnPolicyModule(PolicyModule):
                 "DeepSpeed with managed_gradient_accumulation (pip install -U deepspeed)"
             )
         strategy.config["managed_gradient_accumulation"] = False
-        strategy.config["gradient_clipping"] = self.max_grad_norm or 0.0
+        strategy.config["gradient_clipping"] = self.update_config.max_grad_norm or 0.0
 
     # -- rollout ---------------------------------------------------------------------------------
     def _generator(self) -> torch.Generator:
@@ -148,71 +151,15 @@ class OnPolicyModule(PolicyModule):
         generator.manual_seed(derive_seed(self.seed, self.global_rank, self.global_step))
         return generator
 
-    @torch.no_grad()
-    def token_logprobs(self, model: torch.nn.Module, rollout_inputs: dict[str, Tensor]) -> Tensor:
-        """Log-probs of the response tokens under ``model`` at the sampling temperature, without a
-        graph. (Not inference mode: FSDP2 keeps the parameters it gathers here for later calls
-        under autograd, which inference tensors would refuse.)"""
-        return response_logprobs(
-            model, rollout_inputs["input_ids"], rollout_inputs["response_mask"], rollout_inputs["attention_mask"],
-            temperature=self.sampling.logprob_temperature, chunk_size=self.logprob_chunk_size,
-        ).logprobs
-
-    def _in_micro_batches(self, size: int, compute: Callable[[Tensor], Tensor], like: Tensor) -> Tensor:
-        out = torch.zeros_like(like, dtype=torch.promote_types(like.dtype, torch.float32))
-        for index in torch.arange(size, device=self.device).split(self.micro_batch_size):
-            values = compute(index)
-            out[index, : values.shape[1]] = values
-        return out
-
     def collect_rollout(self, batch: dict[str, Any], sampling: SamplingParams | None = None) -> Rollout:
-        """Sample responses for ``batch``, score them and compute pi_old and reference log-probs."""
+        """Sample responses for ``batch`` and score them; for training (not greedy) also pi_old's
+        log-probs when :attr:`needs_old_logprobs` and the reference's when there is one."""
         sampling = sampling or self.sampling
-        was_training = self.policy.training
-        self.policy.eval()
-        start = time.perf_counter()
-        with self.generation_context() as policy:
-            generation = self.engine.generate(policy, batch["prompt_ids"], sampling, None if sampling.greedy else self._generator())
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        generation_seconds = time.perf_counter() - start
-        self.engine.release()  # the KV cache and decode graphs are rebuilt next time; their memory goes to the update
-        self.policy.train(was_training)
-
-        if not sampling.greedy:
-            generation, batch = self.extend_sample_set(batch, generation)
-        responses = self.tokenizer.batch_decode(
-            [ids[mask].tolist() for ids, mask in zip(generation.input_ids, generation.response_mask)], skip_special_tokens=True
+        training = not sampling.greedy
+        return self.collector(
+            self, batch, sampling, self._generator() if training else None,
+            old_logprobs=training and self.needs_old_logprobs, reference=training and self.reference is not None,
         )
-        groups = batch["groups"].to(self.device)
-        scores = self.score(batch["prompts"], responses, batch["metadata"], groups)
-        rollout = Rollout(
-            input_ids=generation.input_ids,
-            attention_mask=generation.attention_mask,
-            response_mask=generation.response_mask,
-            old_logprobs=generation.logprobs,
-            sampling_logprobs=generation.logprobs,
-            rewards=scores.total.to(self.device),
-            valid=scores.valid.to(self.device),
-            groups=groups,
-            prompts=batch["prompts"],
-            responses=responses,
-            metadata=batch["metadata"],
-            reward_terms=scores.per_function,
-            off_policy=batch.get("off_policy", torch.zeros(len(responses), dtype=torch.bool)).to(self.device),
-            details=scores.details,
-        )
-        if not sampling.greedy:
-            if self.needs_old_logprobs:
-                rollout.old_logprobs = self._in_micro_batches(
-                    len(rollout), lambda i: self.token_logprobs(self.policy, rollout.model_inputs(i)), rollout.old_logprobs
-                )
-            if self.reference is not None:
-                rollout.ref_logprobs = self._in_micro_batches(
-                    len(rollout), lambda i: self.with_reference(self.token_logprobs, rollout.model_inputs(i)), rollout.old_logprobs
-                )
-        rollout.generation_seconds = generation_seconds
-        return rollout
 
     @property
     def needs_old_logprobs(self) -> bool:
@@ -222,32 +169,7 @@ class OnPolicyModule(PolicyModule):
         saves one forward over the rollout."""
         return True
 
-    def extend_sample_set(self, batch: dict[str, Any], generation: Generation) -> tuple[Generation, dict[str, Any]]:
-        """Hook for algorithms whose sample set holds more than the policy's samples (GRAPE's
-        off-policy responses): returns the extended generation and batch; here, both unchanged."""
-        return generation, batch
-
-    def score(self, prompts: list[str], responses: list[str], metadata: list[dict[str, Any]], groups: Tensor) -> RewardScores:
-        """Rewards of the sampled responses (``groups`` lets sample-set-aware scorers see the sets)."""
-        if self.reward is None:
-            raise ValueError(f"{type(self).__name__} needs 'rewards' to score rollouts")
-        return self.reward(prompts, responses, metadata)
-
     # -- optimisation ----------------------------------------------------------------------------
-    def optimizer_step_over(self, index: Tensor, micro_loss: Callable[[Tensor], Tensor]) -> None:
-        """One optimizer step on the rows ``index``: accumulate ``micro_loss`` over micro-batches
-        (each already normalised by the whole mini-batch), clip, step the optimizer and schedule."""
-        optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)
-        for micro in index.split(self.micro_batch_size):
-            self.manual_backward(micro_loss(micro))
-        if self.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-
     def minibatches(self, rows: Tensor, minibatch_size: int | None, salt: int = 0) -> list[Tensor]:
         """The row indices ``rows`` in shuffled mini-batches (all of them at once for None).
 
@@ -258,6 +180,13 @@ class OnPolicyModule(PolicyModule):
         shuffle = torch.Generator().manual_seed(derive_seed(self.seed, self.global_rank, self.global_step, salt))
         orders = minibatch_indices(rows.numel(), minibatch_size or rows.numel(), shuffle)
         return [rows[order.to(rows.device)] for order in orders]
+
+    def token_logprobs(self, inputs: dict[str, Tensor], **kwargs: Any) -> Any:
+        """The policy's log-probs of the response tokens of ``inputs`` (with gradients) at the
+        sampling temperature, chunked as the update settings say."""
+        return self.policy_logprobs(
+            inputs, temperature=self.sampling.logprob_temperature, chunk_size=self.update_config.logprob_chunk_size, **kwargs
+        )
 
     # -- the algorithm ---------------------------------------------------------------------------
     def update(self, rollout: Rollout) -> None:
@@ -291,21 +220,24 @@ class OnPolicyModule(PolicyModule):
         loader = datamodule.val_dataloader()
         if not loader:
             return
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # correct, reward sum, count
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # correct, reward sum, valid, responses
+        has_accuracy = False
         for batch in loader:
             rollout = self.collect_rollout(self.trainer.strategy.batch_to_device(batch), self.greedy_sampling)
-            primary = next(iter(rollout.reward_terms.values()))
+            has_accuracy = rollout.correct is not None
+            correct = float(rollout.correct.sum()) if has_accuracy else 0.0
             totals += torch.tensor(
-                [float((primary == 1).sum()), float(rollout.rewards[rollout.valid].sum()), float(rollout.valid.sum())],
+                [correct, float(rollout.rewards[rollout.valid].sum()), float(rollout.valid.sum()), float(len(rollout))],
                 dtype=torch.float64, device=self.device,
             )
-        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        count = max(float(totals[2]), 1.0)
-        metrics = {"val/accuracy": float(totals[0]) / count, "val/reward": float(totals[1]) / count}
+        totals = self.sum_across_processes(totals).tolist()
+        metrics = {"val/reward": totals[1] / max(totals[2], 1.0)}
+        if has_accuracy:
+            metrics["val/accuracy"] = totals[0] / max(totals[3], 1.0)
         self.initial_metrics = metrics
         for logger in self.loggers:
             logger.log_metrics(metrics, step=0)
-        rank_zero_info(f"initial policy: val/accuracy {metrics['val/accuracy']:.3f}, val/reward {metrics['val/reward']:.3f}")
+        rank_zero_info("initial policy: " + ", ".join(f"{name} {value:.3f}" for name, value in metrics.items()))
 
     # -- logging ---------------------------------------------------------------------------------
     def _log_rollout(self, rollout: Rollout, stage: str) -> None:
@@ -321,8 +253,10 @@ class OnPolicyModule(PolicyModule):
             present = values[torch.isfinite(values)]
             if present.numel():
                 self.log(f"{stage}/reward/{name}", present.float().mean(), **log)
-        primary = next(iter(rollout.reward_terms.values()))
-        self.log(f"{stage}/accuracy", (primary == 1).float().mean(), prog_bar=stage == "val", **log)
+        if rollout.correct is not None:
+            self.log(f"{stage}/accuracy", rollout.correct.float().mean(), prog_bar=stage == "val", **log)
+        if on_step and rollout.statistics:
+            self.log_metrics(rollout.statistics, prefix="")
         self.log(f"{stage}/invalid_rewards", (~rollout.valid).float().sum(), reduce_fx="sum", **{**log, "batch_size": 1})
         self.log(f"{stage}/response_length", rollout.response_lengths.float().mean(), **log)
         if on_step:
@@ -337,19 +271,3 @@ class OnPolicyModule(PolicyModule):
     def log_metrics(self, metrics: dict[str, float], prefix: str = "train/") -> None:
         for name, value in metrics.items():
             self.log(prefix + name, value, on_step=True, on_epoch=False)
-
-
-class RunningMeans:
-    """Weighted means of metrics over the micro-batches of one update (for one log per rollout)."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-        self.weights: dict[str, float] = {}
-
-    def add(self, metrics: dict[str, Tensor | float], weight: float = 1.0) -> None:
-        for name, value in metrics.items():
-            self.totals[name] = self.totals.get(name, 0.0) + float(value) * weight
-            self.weights[name] = self.weights.get(name, 0.0) + weight
-
-    def means(self) -> dict[str, float]:
-        return {name: total / max(self.weights[name], 1e-12) for name, total in self.totals.items()}

@@ -10,18 +10,19 @@ import torch
 from torch import Tensor
 
 from grape_lightning.advantages import (
+    AdvantageConfig,
+    compute_advantages,
     explained_variance,
-    gae,
     masked_mean_std,
     masked_moments,
     merge_moments,
     moments_std,
     token_rewards,
-    whiten,
 )
 from grape_lightning.algorithms.base import as_dataclass
-from grape_lightning.algorithms.on_policy import OnPolicyModule, RunningMeans
+from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.algorithms.optim import OptimizerConfig
+from grape_lightning.algorithms.update_loop import LossOutput, UpdateConfig, run_update
 from grape_lightning.losses.aggregation import Aggregation
 from grape_lightning.losses.kl import kl_penalty
 from grape_lightning.losses.ppo import adaptive_kl_coef, ppo_loss
@@ -29,6 +30,7 @@ from grape_lightning.models.loading import load_sequence_scorer, load_tokenizer
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.models.value import ValueModel
 from grape_lightning.rewards.base import RewardFunction
+from grape_lightning.rewards.scorer import RewardScorer
 from grape_lightning.rollout.batch import Rollout
 from grape_lightning.rollout.sampling import SamplingParams
 
@@ -125,56 +127,46 @@ class PPOModule(OnPolicyModule):
         self,
         policy: ModelSpec,
         rewards: Sequence[RewardFunction] | None = None,
+        accuracy: str | None = None,
         sampling: SamplingParams | None = None,
         optimizer: OptimizerConfig | None = None,
         value_model: ValueModelKind = "head",
         value_init: ModelSpec | None = None,
+        advantage: AdvantageConfig | None = None,
         reward_scaling: RewardScaling = "none",
         kl_coef: float = 0.05,
         kl_target: float | None = None,
         kl_horizon: float = 10000.0,
-        gamma: float = 1.0,
-        lam: float = 0.95,
         eps_low: float = 0.2,
         eps_high: float = 0.2,
         value_clip: float | None = 0.2,
         vf_coef: float = 0.5,
         entropy_coef: float = 0.0,
-        whiten_advantages: bool = True,
         aggregation: Aggregation = "token",
-        epochs: int = 4,
-        mini_batch_size: int | None = None,
         target_kl: float | None = None,
-        micro_batch_size: int = 64,
-        max_grad_norm: float | None = 1.0,
-        gradient_checkpointing: bool = False,
-        logprob_chunk_size: int = 1024,
+        update: UpdateConfig | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            policy, rewards, sampling, optimizer, reference=kl_coef > 0 or kl_target is not None,
-            micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
-            logprob_chunk_size=logprob_chunk_size, seed=seed,
-        )
-        self.value_model = self._build_value_model(value_model, as_dataclass(value_init, ModelSpec), gradient_checkpointing)
+        update = as_dataclass(update, UpdateConfig) or UpdateConfig(epochs=4)
+        scorer = RewardScorer(list(rewards), accuracy) if rewards else None
+        super().__init__(policy, scorer, sampling, optimizer, update, reference=kl_coef > 0 or kl_target is not None, seed=seed)
+        self.value_model = self._build_value_model(value_model, as_dataclass(value_init, ModelSpec), update.gradient_checkpointing)
         if reward_scaling not in ("none", "batch", "running"):
             raise ValueError(f"reward_scaling must be 'none', 'batch' or 'running', got {reward_scaling!r}")
+        self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="value", scaling="whiten", eps=1e-8)
+        if self.advantage.baseline != "value":
+            raise ValueError("PPO's advantages are GAE over its value model: advantage.baseline must be 'value'")
         self.reward_scaling = reward_scaling
         self.register_buffer("reward_moments", torch.zeros(3, dtype=torch.float64))  # count, mean, M2 of the rewards seen
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef), dtype=torch.float64))
         self.kl_target = kl_target
         self.kl_horizon = kl_horizon
-        self.gamma = gamma
-        self.lam = lam
         self.eps_low = eps_low
         self.eps_high = eps_high
         self.value_clip = value_clip
         self.vf_coef = vf_coef
         self.entropy_coef = entropy_coef
-        self.whiten_advantages = whiten_advantages
         self.aggregation = aggregation
-        self.epochs = epochs
-        self.mini_batch_size = mini_batch_size
         self.target_kl = target_kl
 
     def _build_value_model(self, kind: ValueModelKind, init: ModelSpec | None, gradient_checkpointing: bool) -> ValueModel:
@@ -225,15 +217,13 @@ class PPOModule(OnPolicyModule):
         dtype = torch.promote_types(rollout.old_logprobs.dtype, torch.float32)
         old_values = torch.zeros_like(rollout.old_logprobs, dtype=dtype)
         old_logprobs = torch.zeros_like(old_values) if self.shares_trunk else None
-        for index in torch.arange(len(rollout), device=self.device).split(self.micro_batch_size):
+        for index in torch.arange(len(rollout), device=self.device).split(self.update_config.micro_batch_size):
             inputs = rollout.model_inputs(index)
             width = inputs["input_ids"].shape[1]
             if old_logprobs is None:
                 old_values[index, :width] = self.token_values(inputs)
                 continue
-            token = self.policy_logprobs(
-                inputs, temperature=self.sampling.logprob_temperature, chunk_size=self.logprob_chunk_size, with_hidden=True
-            )
+            token = self.token_logprobs(inputs, with_hidden=True)
             old_logprobs[index, :width] = token.logprobs
             old_values[index, :width] = self.token_values(inputs, token.hidden)
         if old_logprobs is not None:
@@ -267,10 +257,13 @@ class PPOModule(OnPolicyModule):
             token_kl = torch.zeros_like(rollout.old_logprobs)
         reward_scale = self.reward_scale(rollout)
         rewards = token_rewards(rollout.rewards / reward_scale, token_kl, trained, self.kl_coef)
-        raw_advantages, returns = gae(rewards, old_values, trained, self.gamma, self.lam)
-        advantages = whiten(raw_advantages, trained, sum_across=self.sum_across_processes) if self.whiten_advantages else raw_advantages
+        estimate = compute_advantages(
+            self.advantage, rewards, rollout.groups, rollout.valid, sum_across=self.sum_across_processes, values=old_values, token_mask=trained,
+        )
+        returns = estimate.returns
+        raw_advantages = returns - old_values
 
-        metrics = self.optimise(rollout, advantages, old_values, returns)
+        metrics = self.optimise(rollout, estimate.advantages, old_values, returns)
 
         sequence_kl, num_valid = self._global_mean(float(token_kl.sum()), float(rollout.valid.sum()))
         metrics.update(kl=sequence_kl, kl_coef=float(self.kl_coef), reward_scale=reward_scale)
@@ -282,53 +275,36 @@ class PPOModule(OnPolicyModule):
         self.log_metrics(metrics)
 
     def optimise(self, rollout: Rollout, advantages: Tensor, old_values: Tensor, returns: Tensor) -> dict[str, float]:
-        """``epochs`` passes of shuffled mini-batches, one optimizer step each (or fewer: ``target_kl``).
-        Returns the mean metrics over the steps taken and their number (``update_steps``)."""
+        """The clipped policy and value losses over the valid rows (:func:`run_update`); with
+        ``target_kl`` the update stops once a step's approximate KL(pi_old || pi_theta), a token
+        mean over every process, exceeds it."""
         trained = rollout.trained_mask
-        means = RunningMeans()
-        steps = 0
-        rows = torch.arange(len(rollout), device=self.device)
-        # lazily, so each epoch is shuffled from the step it starts at (as a resumed run would)
-        schedule = (index for epoch in range(self.epochs) for index in self.minibatches(rows, self.mini_batch_size, salt=epoch))
-        for index in schedule:
-            # the loss is normalised by the global batch's counts; the strategy averages the ranks'
-            # gradients, so each rank's loss is scaled by their number
-            local = torch.stack([rollout.valid[index].sum(), trained[index].sum()]).double()
-            num_sequences, num_tokens = self.sum_across_processes(local).tolist()
-            local_tokens = float(local[1])
-            if num_tokens == 0:
-                continue  # no trained token in any process: no step (Adam would still move the weights)
-            totals = {"policy_loss": 0.0, "value_loss": 0.0, "approx_kl_sum": 0.0}
 
-            def micro_loss(micro: Tensor) -> Tensor:
-                inputs = rollout.model_inputs(micro)
-                width = inputs["input_ids"].shape[1]
-                token = self.policy_logprobs(
-                    inputs, temperature=self.sampling.logprob_temperature,
-                    chunk_size=self.logprob_chunk_size, with_entropy=True, with_hidden=self.shares_trunk,
-                )
-                mask = trained[micro, :width]
-                loss, metrics = ppo_loss(
-                    token.logprobs, rollout.take("old_logprobs", micro), advantages[micro, :width],
-                    self.token_values(inputs, token.hidden), old_values[micro, :width], returns[micro, :width], mask,
-                    entropy=token.entropy, eps_low=self.eps_low, eps_high=self.eps_high,
-                    value_clip=self.value_clip, vf_coef=self.vf_coef, entropy_coef=self.entropy_coef,
-                    aggregation=self.aggregation, constant_length=self.sampling.max_new_tokens,
-                    num_sequences=num_sequences, num_tokens=num_tokens,
-                )
-                micro_tokens = float(mask.sum())
-                # the micro-batches' loss terms add up to the mini-batch's; the other metrics are token means
-                totals["policy_loss"] += float(metrics.pop("policy_loss"))
-                totals["value_loss"] += float(metrics.pop("value_loss"))
-                totals["approx_kl_sum"] += float(metrics["approx_kl"]) * micro_tokens
-                means.add(metrics, weight=micro_tokens)
-                return loss * self.data_parallel_size
+        def normalisers(index: Tensor) -> Tensor:
+            return torch.stack([rollout.valid[index].sum(), trained[index].sum()])
 
-            self.optimizer_step_over(index, micro_loss)
-            steps += 1
-            approx_kl_sum = totals.pop("approx_kl_sum")
-            loss_terms = self.sum_across_processes(torch.tensor([totals["policy_loss"], totals["value_loss"]], dtype=torch.float64, device=self.device))
-            means.add(dict(zip(("policy_loss", "value_loss"), loss_terms.tolist())))  # each rank held its share of the global loss
-            if self.target_kl is not None and self._global_mean(approx_kl_sum, local_tokens)[0] > self.target_kl:
-                break
-        return {**means.means(), "update_steps": float(steps)}
+        def micro_loss(micro: Tensor, totals: Tensor) -> LossOutput:
+            num_sequences, num_tokens = totals.tolist()
+            inputs = rollout.model_inputs(micro)
+            width = inputs["input_ids"].shape[1]
+            token = self.token_logprobs(inputs, with_entropy=True, with_hidden=self.shares_trunk)
+            mask = trained[micro, :width]
+            loss, metrics = ppo_loss(
+                token.logprobs, rollout.take("old_logprobs", micro), advantages[micro, :width],
+                self.token_values(inputs, token.hidden), old_values[micro, :width], returns[micro, :width], mask,
+                entropy=token.entropy, eps_low=self.eps_low, eps_high=self.eps_high,
+                value_clip=self.value_clip, vf_coef=self.vf_coef, entropy_coef=self.entropy_coef,
+                aggregation=self.aggregation, constant_length=self.sampling.max_new_tokens,
+                num_sequences=num_sequences, num_tokens=num_tokens,
+            )
+            tokens = float(mask.sum())
+            terms = {
+                "policy_loss": metrics.pop("policy_loss"), "value_loss": metrics.pop("value_loss"),
+                "approx_kl_step": float(metrics["approx_kl"]) * tokens / max(num_tokens, 1.0),
+            }
+            return LossOutput(loss, terms=terms, means=metrics, weight=tokens)
+
+        stop = None if self.target_kl is None else (lambda terms: terms["approx_kl_step"] > self.target_kl)
+        metrics = run_update(self, rollout.valid.nonzero().flatten(), self.update_config, normalisers, micro_loss, stop)
+        metrics.pop("approx_kl_step")
+        return metrics

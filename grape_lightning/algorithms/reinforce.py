@@ -3,107 +3,94 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-from grape_lightning.advantages import batch_mean_baseline, leave_one_out_baseline
-from grape_lightning.algorithms.on_policy import OnPolicyModule, RunningMeans
+from grape_lightning.advantages import AdvantageConfig, MovingAverageBaseline, compute_advantages
+from grape_lightning.algorithms.base import as_dataclass
+from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.algorithms.optim import OptimizerConfig
+from grape_lightning.algorithms.update_loop import LossOutput, UpdateConfig, run_update
 from grape_lightning.losses.reinforce import reinforce_loss
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.base import RewardFunction
+from grape_lightning.rewards.scorer import RewardScorer
 from grape_lightning.rollout.batch import Rollout
 from grape_lightning.rollout.sampling import SamplingParams
 
-Baseline = Literal["none", "moving_average", "batch_mean", "leave_one_out"]
-
 
 class REINFORCEModule(OnPolicyModule):
-    """L = -(1/B) sum_i (r_i - b_i) l(y_i), one optimizer step per rollout batch.
+    """L = -(1/B) sum_i A_i l(y_i),  l(y_i) = sum_t log pi(y_it | .),  over the B valid responses of
+    the global batch, one optimizer step per rollout batch (per mini-batch with
+    ``update.mini_batch_size``).
 
-    With ``kl_coef`` = beta > 0 the reward is r_i - beta * sum_t (l_old_t - l_ref_t) (the k1 KL of
-    the sampled response to the reference). Baselines:
-
-    - ``none``: b = 0;
-    - ``moving_average``: b = exponential moving average (``baseline_momentum``) of past batch
-      mean rewards (saved in checkpoints); the first batch uses its own mean;
-    - ``batch_mean``: b = mean reward of this batch;
-    - ``leave_one_out``: b_i = mean reward of the other samples of i's prompt (RLOO; needs
-      ``group_size`` >= 2 in the DataModule).
+    A_i = scale(r'_i - b_i) (``advantage``: by default the leave-one-out baseline, RLOO, unscaled;
+    ``moving_average`` keeps its average in checkpoints). With ``kl_coef`` = beta > 0 the reward is
+    r'_i = r_i - beta sum_t (l_old_t - l_ref_t), the k1 KL of the sampled response to the reference.
 
     Args:
-        baseline: ``none``, ``moving_average``, ``batch_mean`` or ``leave_one_out`` (RLOO).
-        baseline_momentum: momentum of the ``moving_average`` baseline.
-        kl_coef: beta of the k1 KL penalty to the reference subtracted from the reward (0: no
-            reference).
+        policy: the model to train.
+        rewards: reward functions, combined as sum_k w_k r_k.
+        accuracy: name of the reward function whose value 1 marks a correct response (None: no accuracy).
+        sampling: sampling parameters of the training rollouts.
+        optimizer: AdamW and learning-rate schedule.
+        advantage: baseline and scaling (default: leave-one-out, unscaled).
+        kl_coef: beta of the k1 KL penalty to the reference subtracted from the reward (0: no reference).
+        update: mini- and micro-batches, clipping (one epoch: REINFORCE has no ratio to correct a second).
+        seed: seeds sampling (per rank and step, so a resumed run samples the same).
     """
 
     def __init__(
         self,
         policy: ModelSpec,
         rewards: Sequence[RewardFunction] | None = None,
+        accuracy: str | None = None,
         sampling: SamplingParams | None = None,
         optimizer: OptimizerConfig | None = None,
-        baseline: Baseline = "leave_one_out",
-        baseline_momentum: float = 0.9,
+        advantage: AdvantageConfig | None = None,
         kl_coef: float = 0.0,
-        micro_batch_size: int = 64,
-        max_grad_norm: float | None = 1.0,
-        gradient_checkpointing: bool = False,
-        logprob_chunk_size: int = 1024,
+        update: UpdateConfig | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            policy, rewards, sampling, optimizer, reference=kl_coef > 0, micro_batch_size=micro_batch_size,
-            max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
-            logprob_chunk_size=logprob_chunk_size, seed=seed,
-        )
-        if baseline not in ("none", "moving_average", "batch_mean", "leave_one_out"):
-            raise ValueError(f"unknown baseline {baseline!r}")
-        self.baseline = baseline
-        self.baseline_momentum = baseline_momentum
+        scorer = RewardScorer(list(rewards), accuracy) if rewards else None
+        super().__init__(policy, scorer, sampling, optimizer, update, reference=kl_coef > 0, seed=seed)
+        if self.update_config.epochs != 1:
+            raise ValueError("REINFORCE takes one pass over each rollout (update.epochs: 1): its loss has no ratio for a second")
+        self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="leave_one_out", scaling="none")
         self.kl_coef = kl_coef
-        self.register_buffer("moving_baseline", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("moving_baseline_started", torch.zeros((), dtype=torch.bool))
+        self.moving_average = MovingAverageBaseline()
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        return self.kl_coef > 0  # l_old of the KL penalty; the loss itself has no ratio
 
     def shaped_rewards(self, rollout: Rollout) -> Tensor:
+        """r - beta sum_t (l_old_t - l_ref_t); logs the mean sequence KL over every process's valid rows."""
         if self.kl_coef == 0:
             return rollout.rewards
-        sequence_kl = ((rollout.old_logprobs - rollout.ref_logprobs) * rollout.response_mask).sum(-1)
-        self.log_metrics({"kl": float(sequence_kl[rollout.valid].mean()) if rollout.valid.any() else 0.0})
+        sequence_kl = torch.where(rollout.response_mask, rollout.old_logprobs - rollout.ref_logprobs, 0.0).sum(-1)
+        totals = torch.stack([sequence_kl[rollout.valid].sum(), rollout.valid.sum()]).double()
+        kl_sum, count = self.sum_across_processes(totals).tolist()
+        self.log_metrics({"kl": kl_sum / max(count, 1.0)})
         return rollout.rewards - self.kl_coef * sequence_kl.to(rollout.rewards.dtype)
 
-    def baselines(self, rewards: Tensor, rollout: Rollout) -> Tensor:
-        if self.baseline == "none":
-            return torch.zeros_like(rewards)
-        if self.baseline == "batch_mean":
-            return batch_mean_baseline(rewards, rollout.valid)
-        if self.baseline == "leave_one_out":
-            return leave_one_out_baseline(rewards, rollout.groups, rollout.valid)
-        batch_mean = batch_mean_baseline(rewards, rollout.valid)[0] if rollout.valid.any() else self.moving_baseline
-        baseline = torch.where(self.moving_baseline_started, self.moving_baseline, batch_mean)
-        self.moving_baseline.copy_(self.baseline_momentum * baseline + (1 - self.baseline_momentum) * batch_mean)
-        self.moving_baseline_started.fill_(True)
-        return baseline.expand_as(rewards)
-
     def update(self, rollout: Rollout) -> None:
-        rewards = self.shaped_rewards(rollout)
-        advantages = torch.where(rollout.valid, rewards - self.baselines(rewards, rollout), 0.0)
-        index = rollout.valid.nonzero().flatten()
-        if index.numel() == 0:
-            return
-        means = RunningMeans()
+        advantages = compute_advantages(
+            self.advantage, self.shaped_rewards(rollout), rollout.groups, rollout.valid,
+            sum_across=self.sum_across_processes, moving_average=self.moving_average,
+        ).advantages
+        valid = rollout.valid
 
-        def micro_loss(micro: Tensor) -> Tensor:
+        def micro_loss(micro: Tensor, totals: Tensor) -> LossOutput:
             inputs = rollout.model_inputs(micro)
-            token = self.policy_logprobs(inputs, temperature=self.sampling.logprob_temperature, chunk_size=self.logprob_chunk_size, with_entropy=True)
-            mask = inputs["response_mask"]
-            loss, metrics = reinforce_loss(token.logprobs, advantages[micro], mask, num_sequences=len(index))
-            metrics["entropy"] = (token.entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
-            means.add(metrics, weight=float(mask.sum()))
-            return loss
+            token = self.token_logprobs(inputs, with_entropy=True)
+            mask = inputs["response_mask"] & valid[micro, None]
+            loss, metrics = reinforce_loss(token.logprobs, advantages[micro], mask, num_sequences=float(totals[0]))
+            tokens = float(mask.sum())
+            entropy = (token.entropy.detach() * mask).sum() / max(tokens, 1.0)
+            return LossOutput(loss, terms={"policy_loss": metrics["policy_loss"]}, means={"entropy": entropy}, weight=tokens)
 
-        self.optimizer_step_over(index, micro_loss)
-        self.log_metrics({**means.means(), "advantage_abs_mean": float(advantages[index].abs().mean())})
+        metrics = run_update(self, valid.nonzero().flatten(), self.update_config, lambda index: valid[index].sum()[None], micro_loss)
+        advantage_abs, count = self.sum_across_processes(torch.stack([advantages[valid].abs().sum(), valid.sum()]).double()).tolist()
+        self.log_metrics({**metrics, "advantage_abs_mean": advantage_abs / max(count, 1.0)})

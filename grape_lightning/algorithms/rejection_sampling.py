@@ -7,11 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from grape_lightning.algorithms.on_policy import OnPolicyModule, RunningMeans
+from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.algorithms.optim import OptimizerConfig
+from grape_lightning.algorithms.update_loop import LossOutput, UpdateConfig, run_update
 from grape_lightning.losses.sft import sft_loss
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.base import RewardFunction
+from grape_lightning.rewards.scorer import RewardScorer
 from grape_lightning.rollout.batch import Rollout
 from grape_lightning.rollout.sampling import SamplingParams
 
@@ -32,64 +34,60 @@ def select_best(rewards: Tensor, groups: Tensor, valid: Tensor, keep_top_k: int,
 class RejectionSamplingModule(OnPolicyModule):
     """For each prompt sample n responses (``group_size`` of the DataModule) from pi_old, score them,
     keep the best ``keep_top_k`` (optionally only those scoring at least ``reward_threshold``), and
-    minimise the SFT loss -mean_t l_t over the kept responses. Every rollout batch brings fresh
-    samples from the updated policy.
+    minimise the SFT loss over the kept responses of the global batch,
 
-    Per rollout batch: ``epochs`` passes over the kept responses in mini-batches of
-    ``mini_batch_size`` (all at once when None), one optimizer step per mini-batch.
+        L = - sum_{i kept, t} l_it / (response tokens kept)
+
+    Per rollout batch: ``update.epochs`` passes over the kept responses in mini-batches of
+    ``update.mini_batch_size`` (all at once when None), one optimizer step per mini-batch.
 
     Args:
+        policy: the model to train.
+        rewards: reward functions, combined as sum_k w_k r_k.
+        accuracy: name of the reward function whose value 1 marks a correct response (None: no accuracy).
+        sampling: sampling parameters of the training rollouts.
+        optimizer: AdamW and learning-rate schedule.
         keep_top_k: responses kept per prompt (the best-scoring ones).
         reward_threshold: keep only responses scoring at least this (None: no threshold).
-        epochs: passes over the kept responses per rollout batch.
-        mini_batch_size: responses per optimizer step (None: all kept responses at once).
+        update: epochs, mini- and micro-batches, clipping.
+        seed: seeds sampling (per rank and step, so a resumed run samples the same).
     """
 
     def __init__(
         self,
         policy: ModelSpec,
         rewards: Sequence[RewardFunction] | None = None,
+        accuracy: str | None = None,
         sampling: SamplingParams | None = None,
         optimizer: OptimizerConfig | None = None,
         keep_top_k: int = 1,
         reward_threshold: float | None = None,
-        epochs: int = 1,
-        mini_batch_size: int | None = None,
-        micro_batch_size: int = 64,
-        max_grad_norm: float | None = 1.0,
-        gradient_checkpointing: bool = False,
-        logprob_chunk_size: int = 1024,
+        update: UpdateConfig | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            policy, rewards, sampling, optimizer, reference=False, micro_batch_size=micro_batch_size,
-            max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
-            logprob_chunk_size=logprob_chunk_size, seed=seed,
-        )
+        scorer = RewardScorer(list(rewards), accuracy) if rewards else None
+        super().__init__(policy, scorer, sampling, optimizer, update, reference=False, seed=seed)
         self.keep_top_k = keep_top_k
         self.reward_threshold = reward_threshold
-        self.epochs = epochs
-        self.mini_batch_size = mini_batch_size
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        return False  # the SFT loss has no ratio
 
     def update(self, rollout: Rollout) -> None:
         kept = select_best(rollout.rewards, rollout.groups, rollout.valid, self.keep_top_k, self.reward_threshold)
-        kept_rows = kept.nonzero().flatten()
-        self.log_metrics({
-            "kept_fraction": float(kept.float().mean()),
-            "kept_reward": float(rollout.rewards[kept].mean()) if kept.any() else float("nan"),
-        })
-        means = RunningMeans()
-        for epoch in range(self.epochs):
-            for index in self.minibatches(kept_rows, self.mini_batch_size, salt=epoch):
-                num_tokens = rollout.response_mask[index].sum()
+        kept_tokens = rollout.response_mask & kept[:, None]
 
-                def micro_loss(micro: Tensor) -> Tensor:
-                    inputs = rollout.model_inputs(micro)
-                    logprobs = self.policy_logprobs(inputs, chunk_size=self.logprob_chunk_size).logprobs
-                    loss, metrics = sft_loss(logprobs, inputs["response_mask"], num_tokens=num_tokens)
-                    tokens = float(metrics["num_response_tokens"])
-                    means.add({"nll": -(logprobs.detach() * inputs["response_mask"]).sum() / max(tokens, 1.0)}, weight=tokens)
-                    return loss
+        def micro_loss(micro: Tensor, totals: Tensor) -> LossOutput:
+            inputs = rollout.model_inputs(micro)
+            logprobs = self.token_logprobs(inputs).logprobs
+            mask = inputs["response_mask"] & kept[micro, None]
+            loss, _ = sft_loss(logprobs, mask, num_tokens=float(totals[1]))
+            return LossOutput(loss, terms={"nll": loss.detach()})
 
-                self.optimizer_step_over(index, micro_loss)
-        self.log_metrics(means.means())
+        normalisers = lambda index: torch.stack([kept[index].sum(), kept_tokens[index].sum()])  # noqa: E731
+        metrics = run_update(self, kept.nonzero().flatten(), self.update_config, normalisers, micro_loss)
+        totals = torch.stack([kept.sum(), torch.tensor(len(rollout), device=kept.device), rollout.rewards[kept].sum()])
+        kept_count, count, kept_reward = self.sum_across_processes(totals.double()).tolist()
+        metrics.update(kept_fraction=kept_count / max(count, 1.0), kept_reward=kept_reward / kept_count if kept_count else float("nan"))
+        self.log_metrics(metrics)

@@ -13,7 +13,9 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from grape_lightning.advantages import RewardScaling, group_relative_advantages, leave_one_out_baseline
+from grape_lightning.advantages import AdvantageConfig, compute_advantages
+from grape_lightning.algorithms.base import as_dataclass
+from grape_lightning.algorithms.update_loop import UpdateConfig
 from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.losses.trpo import mean_token_kl, trpo_surrogate
 from grape_lightning.models.logprobs import final_logit_softcap, positions_from_mask
@@ -29,13 +31,13 @@ from grape_lightning.natural_gradient import (
     trust_region_step,
 )
 from grape_lightning.rewards.base import RewardFunction
+from grape_lightning.rewards.scorer import RewardScorer
 from grape_lightning.rollout.batch import Rollout
 from grape_lightning.rollout.sampling import SamplingParams
 
 # TRPO sets the policy parameters itself: there is no optimizer to configure (see ``configure_optimizers``).
 warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
 
-Advantage = Literal["group", "leave_one_out"]
 
 
 @dataclass
@@ -113,9 +115,9 @@ class TRPOModule(OnPolicyModule):
         self,
         policy: ModelSpec,
         rewards: Sequence[RewardFunction] | None = None,
+        accuracy: str | None = None,
         sampling: SamplingParams | None = None,
-        advantage: Advantage = "group",
-        reward_scaling: RewardScaling = "group",
+        advantage: AdvantageConfig | None = None,
         max_kl: float = 0.01,
         damping: float = 0.1,
         cg_iterations: int = 10,
@@ -123,27 +125,18 @@ class TRPOModule(OnPolicyModule):
         line_search_factor: float = 0.5,
         line_search_tries: int = 10,
         fisher_sample_size: int | None = None,
-        micro_batch_size: int = 64,
-        gradient_checkpointing: bool = False,
-        logprob_chunk_size: int = 1024,
+        update: UpdateConfig | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            policy, rewards, sampling, optimizer=None, reference=False, micro_batch_size=micro_batch_size,
-            max_grad_norm=None, gradient_checkpointing=gradient_checkpointing,
-            logprob_chunk_size=logprob_chunk_size, seed=seed,
-        )
-        for unused in ("optimizer", "reference", "max_grad_norm"):  # base-class options TRPO has no use for
-            self.hparams.pop(unused, None)
-        if advantage not in ("group", "leave_one_out"):
-            raise ValueError(f"advantage must be 'group' or 'leave_one_out', got {advantage!r}")
+        scorer = RewardScorer(list(rewards), accuracy) if rewards else None
+        super().__init__(policy, scorer, sampling, None, update, reference=False, seed=seed)
+        self.hparams.pop("optimizer", None)  # the base's option TRPO has no use for
         if max_kl <= 0 or damping < 0 or not 0 < line_search_factor < 1 or min(line_search_tries, cg_iterations) < 1:
             raise ValueError(
                 "TRPO needs max_kl > 0, damping >= 0, 0 < line_search_factor < 1, "
                 "line_search_tries >= 1 and cg_iterations >= 1"
             )
-        self.advantage = advantage
-        self.reward_scaling = reward_scaling
+        self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="mean", scaling="group")
         self.max_kl = max_kl
         self.damping = damping
         self.cg_iterations = cg_iterations
@@ -162,11 +155,8 @@ class TRPOModule(OnPolicyModule):
         return [parameter for parameter in self.policy.parameters() if parameter.requires_grad]
 
     def advantages(self, rollout: Rollout) -> Tensor:
-        """Advantages per sequence [N] (or per token [N, T], aligned with ``response_mask``)."""
-        if self.advantage == "group":
-            return group_relative_advantages(rollout.rewards, rollout.groups, rollout.valid, self.reward_scaling)
-        baseline = leave_one_out_baseline(rollout.rewards, rollout.groups, rollout.valid)
-        return torch.where(rollout.valid, rollout.rewards - baseline, 0.0)
+        """Advantages per sequence [N] (:func:`compute_advantages`)."""
+        return compute_advantages(self.advantage, rollout.rewards, rollout.groups, rollout.valid, sum_across=self.sum_across_processes).advantages
 
     # -- the policy on response tokens --------------------------------------------------------------
     def response_rows(self, rollout: Rollout, rows: Tensor, advantages: Tensor) -> list[ResponseRows]:
@@ -174,7 +164,7 @@ class TRPOModule(OnPolicyModule):
         if advantages.dim() == 1:
             advantages = advantages[:, None].expand_as(rollout.response_mask)
         batches = []
-        for index in rows.split(self.micro_batch_size):
+        for index in rows.split(self.update_config.micro_batch_size):
             inputs = rollout.model_inputs(index)
             scored = inputs["response_mask"][:, 1:].bool()
             width = scored.shape[1] + 1
@@ -210,7 +200,7 @@ class TRPOModule(OnPolicyModule):
         """sum over chunks of ``logprob_chunk_size`` rows of ``term(*chunk)``, in float64. Under
         autograd each chunk is recomputed in the backward, so no [chunk, V] block is held for it."""
         total = torch.zeros((), dtype=torch.float64, device=rows[0].device)
-        for chunk in zip(*(row.split(self.logprob_chunk_size) for row in rows)):
+        for chunk in zip(*(row.split(self.update_config.logprob_chunk_size) for row in rows)):
             if torch.is_grad_enabled():
                 total = total + checkpoint(term, *chunk, use_reentrant=False)
             else:

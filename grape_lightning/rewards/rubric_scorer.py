@@ -8,11 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from grape_lightning.advantages import group_statistics
 from grape_lightning.rewards.base import RewardFunction, is_missing
 from grape_lightning.rewards.code_execution import UnitTests
+from grape_lightning.rewards.confidence_weighting import confidence_weighted_rewards
 from grape_lightning.rewards.critics.base import Critic, JudgeRequest, checked
 from grape_lightning.rewards.reward_model import RewardModelScore
 from grape_lightning.rewards.rubric import Rubric, RubricItem
+from grape_lightning.rewards.scorer import Scores, accuracy_term
 from grape_lightning.rewards.verifiers import ExactMatch, JSONSchemaMatch, NumericMatch, PythonCallable, RegexMatch
 
 
@@ -120,3 +123,62 @@ class RubricScorer:
                 scores[row, column], confidences[row, column] = value, 1.0
         weights = torch.tensor([item.weight for _, item in self.columns], dtype=torch.float64)
         return RubricScores(self.keys, weights, scores, confidences, applicable, failed, critiques)
+
+
+class ConfidenceWeightedRubric:
+    """GRAPE's scorer: every (response, item) of a rubric scored by :class:`RubricScorer`, then
+    aggregated per sample set by confidence (:func:`confidence_weighted_rewards`):
+
+        omega_k = w_k * mean_i c_ik,        r_i = sum_{k in J_i} omega_k s_ik / sum_{k in J_i} omega_k
+
+    The terms are the items ("category/item"), NaN where an item does not apply or failed. The
+    statistics, per item: mean ``score``, mean ``confidence``, ``spread`` (std of the scores
+    within a sample set, averaged over sets) and ``failures``; and the critic failures in all.
+
+    Args:
+        rubric: the rubric.
+        critics: critics by name, referred to by the rubric's judged items.
+        accuracy: item key ("category/item") whose score 1 marks a correct response (None: no accuracy).
+    """
+
+    def __init__(self, rubric: Rubric, critics: dict[str, Critic] | None = None, accuracy: str | None = None) -> None:
+        self.items = RubricScorer(rubric, critics)
+        if accuracy is not None and accuracy not in self.items.keys:
+            raise ValueError(f"accuracy: {rubric.source} has no item {accuracy!r}; its items are {self.items.keys}")
+        self.accuracy = accuracy
+
+    def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict[str, Any]], groups: Tensor) -> Scores:
+        items = self.items(prompts, responses, metadata)
+        groups = groups.cpu()
+        rewards, _ = confidence_weighted_rewards(items.scores, items.confidences, items.weights, groups, items.applicable, items.failed)
+        scored = items.applicable & ~items.failed
+        terms = {key: torch.where(scored[:, k], items.scores[:, k], float("nan")) for k, key in enumerate(items.keys)}
+        details = [
+            {
+                **{key: f"s={float(items.scores[i, k]):.2f} c={float(items.confidences[i, k]):.2f}" + (" (failed)" if items.failed[i, k] else "")
+                   for k, key in enumerate(items.keys) if items.applicable[i, k]},
+                "critiques": "; ".join(f"{name}: {text}" for name, text in items.critiques[i].items()),
+            }
+            for i in range(len(responses))
+        ]
+        return Scores(
+            rewards=rewards, valid=~torch.isnan(rewards), terms=terms, correct=accuracy_term(terms, self.accuracy, "the rubric"),
+            details=details, statistics=item_statistics(items, groups),
+        )
+
+
+def item_statistics(items: RubricScores, groups: Tensor) -> dict[str, float]:
+    """``critic_failures`` and, per applicable item, ``rubric/<key>/{failures,score,confidence,spread}``."""
+    statistics = {"critic_failures": float(items.failed.sum())}
+    for k, key in enumerate(items.keys):
+        applicable = items.applicable[:, k]
+        if not applicable.any():
+            continue
+        scored = applicable & ~items.failed[:, k]
+        statistics[f"rubric/{key}/failures"] = float(items.failed[:, k].sum())
+        if scored.any():
+            statistics[f"rubric/{key}/score"] = float(items.scores[scored, k].mean())
+            statistics[f"rubric/{key}/confidence"] = float(items.confidences[applicable, k].mean())
+            spread = group_statistics(torch.where(scored, items.scores[:, k], float("nan")), groups, scored)
+            statistics[f"rubric/{key}/spread"] = float(spread.std[spread.count >= 2].mean()) if (spread.count >= 2).any() else 0.0
+    return statistics

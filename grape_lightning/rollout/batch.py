@@ -30,11 +30,13 @@ class Rollout:
     prompts: list[str]
     responses: list[str]
     metadata: list[dict[str, Any]]
-    reward_terms: dict[str, Tensor] = field(default_factory=dict)
+    reward_terms: dict[str, Tensor] = field(default_factory=dict)  # raw value of each reward term, NaN where missing
+    correct: Tensor | None = None  # [N] bool: the scorer's accuracy check passed (None: it has none)
     ref_logprobs: Tensor | None = None
     sampling_logprobs: Tensor | None = None
     off_policy: Tensor | None = None  # [N] bool: responses not sampled from pi_old (GRAPE)
     details: list[dict[str, Any]] = field(default_factory=list)  # per-response extras for sample tables
+    statistics: dict[str, float] = field(default_factory=dict)  # the scorer's statistics of the batch (logged)
     generation_seconds: float = 0.0
 
     def __len__(self) -> int:
