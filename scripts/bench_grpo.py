@@ -36,7 +36,7 @@ from bench_common import (
     write_report,
 )
 
-from grape_lightning.algorithms import GRPOModule, OptimizerConfig
+from grape_lightning.algorithms import GRPOModule, OptimizerConfig, SurrogateConfig, UpdateConfig
 from grape_lightning.rewards import RewardFunction
 from grape_lightning.rollout import RolloutDataModule, SamplingParams
 
@@ -94,14 +94,14 @@ def ours(spec, prompt_file: Path, args) -> dict:
     L.seed_everything(0)
     module = GRPOModule(
         spec, rewards=[EvenWords()], sampling=SamplingParams(max_new_tokens=args.new, temperature=1.0),
-        optimizer=OptimizerConfig(lr=1e-6, weight_decay=0.0), beta=0.0, micro_batch_size=args.micro_batch,
+        optimizer=OptimizerConfig(lr=1e-6, weight_decay=0.0), loss=SurrogateConfig(beta=0.0), update=UpdateConfig(micro_batch_size=args.micro_batch),
     )
     datamodule = RolloutDataModule(train_file=str(prompt_file), group_size=args.group, batch_size=args.prompts,
                                    max_prompt_length=args.prompt)
     stopwatch = Stopwatch()
-    stopwatch.wrap(module.engine, "generate", "generation_s")
-    stopwatch.wrap(module, "score", "scoring_s")
-    stopwatch.wrap(module, "token_logprobs", "logprobs_s")
+    stopwatch.wrap(module.collector.engine, "generate", "generation_s")
+    stopwatch.wrap(module.collector, "scorer", "scoring_s")
+    stopwatch.wrap(module.collector, "logprobs", "logprobs_s")
     stopwatch.wrap(module, "update", "update")
     timer = StepTimer(stopwatch)
     trainer = benchmark_trainer(args.warmup + args.steps, [timer])

@@ -66,7 +66,8 @@ def build(algorithm: str, tiny: bool, workdir: Path, micro_batch_size: int = 64)
     task = ArithmeticTask(num_train=4096, num_val=8)
     prompts, group, new_tokens = (2, 4, 8) if tiny else (16, 8, 128)  # per device
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=1.0)
-    on_policy = dict(rewards=[NumericMatch()], sampling=sampling, micro_batch_size=micro_batch_size)
+    update = A.UpdateConfig(micro_batch_size=micro_batch_size)
+    on_policy = dict(rewards=[NumericMatch()], sampling=sampling, update=update)
     if algorithm == "sft":
         return A.SFTModule(spec), SFTDataModule(task=task, batch_size=8 if tiny else 32, max_length=32 if tiny else 256)
     if algorithm in ("dpo", "reward_model"):
@@ -76,14 +77,14 @@ def build(algorithm: str, tiny: bool, workdir: Path, micro_batch_size: int = 64)
     modules = {
         "rejection_sampling": lambda: A.RejectionSamplingModule(spec, **on_policy),
         "reinforce": lambda: A.REINFORCEModule(spec, **on_policy),
-        "grpo": lambda: A.GRPOModule(spec, beta=0.04, **on_policy),
-        "ppo": lambda: A.PPOModule(spec, epochs=1, **on_policy),
-        "trpo": lambda: A.TRPOModule(spec, rewards=[NumericMatch()], sampling=sampling, micro_batch_size=micro_batch_size),
+        "grpo": lambda: A.GRPOModule(spec, loss=A.SurrogateConfig(beta=0.04), **on_policy),
+        "ppo": lambda: A.PPOModule(spec, **{**on_policy, "update": A.UpdateConfig(epochs=1, micro_batch_size=micro_batch_size)}),
+        "trpo": lambda: A.TRPOModule(spec, **on_policy),
     }
     if algorithm == "grape":
         rubric = workdir / "rubric.yaml"
         rubric.write_text(RUBRIC)
-        module = A.GRAPEModule(spec, rubric=str(rubric), sampling=sampling, beta=0.04, micro_batch_size=micro_batch_size)
+        module = A.GRAPEModule(spec, rubric=str(rubric), sampling=sampling, loss=A.SurrogateConfig(beta=0.04), update=update)
     else:
         module = modules[algorithm]()
     return module, RolloutDataModule(task=task, group_size=group, batch_size=prompts, max_val_prompts=8)

@@ -13,15 +13,22 @@ responses of unequal lengths, unscorable rewards on some rows, reward scaling by
 PPO (under DDP) adds global statistics of its own: reward scaling by the batch std, advantage
 whitening, the adaptive KL coefficient, and a value model whose state is compared too.
 
-Run by the tests as ``python -m tests.test_ddp_equivalence <grpo|grpo_tied|dpo|ppo|sft> <devices> <out_dir> <ddp|fsdp2>``.
+REINFORCE, rejection sampling and GRAPE run the same comparison with the ranks holding different
+numbers of rows in the loss (13 and 12 valid rewards with micro-batches of 4; different numbers
+of kept responses; GRAPE's off-policy responses for some prompts only), where the update loop
+pads the shorter rank with zero-weighted passes so the backward all-reduces pair up.
+
+Run by the tests as ``python -m tests.test_ddp_equivalence <algorithm> <devices> <out_dir> <ddp|fsdp2>``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import lightning as L
@@ -42,7 +49,10 @@ def _spec(algorithm: str):
 
 
 def _setup(algorithm: str, devices: int):
-    from grape_lightning.algorithms import DPOModule, GRPOModule, OptimizerConfig, SFTModule
+    from grape_lightning.algorithms import (
+        AdvantageConfig, DPOModule, GRAPEModule, GRPOModule, OffPolicyConfig, OptimizerConfig, REINFORCEModule,
+        RejectionSamplingModule, SFTModule, SurrogateConfig, UpdateConfig,
+    )
     from grape_lightning.algorithms.on_policy import derive_seed
     from grape_lightning.data import PreferenceDataModule, SFTDataModule
     from grape_lightning.data.tasks import ArithmeticTask
@@ -68,7 +78,9 @@ def _setup(algorithm: str, devices: int):
 
     from grape_lightning.algorithms.ppo import PPOModule
 
-    class SameGlobalRollout(PPOModule if algorithm == "ppo" else GRPOModule):
+    base = {"ppo": PPOModule, "reinforce": REINFORCEModule, "rejection_sampling": RejectionSamplingModule, "grape": GRAPEModule}
+
+    class SameGlobalRollout(base.get(algorithm, GRPOModule)):
         """Samples the step's global rollout (the same in every setup); trains on this rank's groups."""
 
         def setup(self, stage: str) -> None:
@@ -86,19 +98,52 @@ def _setup(algorithm: str, devices: int):
             rows = (rollout.groups % world == rank).nonzero().flatten()
             return _select(rollout, rows, renumber=lambda groups: groups // world)
 
+    common = dict(sampling=SamplingParams(max_new_tokens=6), optimizer=optimizer, update=UpdateConfig(micro_batch_size=4, max_grad_norm=0.5))
+    rewards = [LengthParityWithGaps()]
     if algorithm == "ppo":  # batch reward scaling, whitened advantages, adaptive KL: all global statistics
         module = SameGlobalRollout(
-            spec, rewards=[LengthParityWithGaps()], sampling=SamplingParams(max_new_tokens=6), optimizer=optimizer,
-            value_model="separate", kl_coef=0.1, kl_target=0.5, reward_scaling="batch", aggregation="token",
-            epochs=1, micro_batch_size=4, max_grad_norm=0.5,
+            spec, rewards=rewards, value_model="separate", kl_coef=0.1, kl_target=0.5, reward_scaling="batch", aggregation="token", **common,
+        )
+    elif algorithm == "reinforce":  # a global batch mean, a KL folded into the reward
+        module = SameGlobalRollout(spec, rewards=rewards, advantage=AdvantageConfig("batch_mean", "batch"), kl_coef=0.1, **common)
+    elif algorithm == "rejection_sampling":
+        module = SameGlobalRollout(spec, rewards=rewards, keep_top_k=2, reward_threshold=1.0, **common)
+    elif algorithm == "grape":  # confidence-weighted rubric, leave-one-out, off-policy responses for some prompts
+        Path("rubric.yaml").write_text(GRAPE_RUBRIC)
+        with open("responses.jsonl", "w") as responses:
+            for prompt in train_prompts(GLOBAL_PROMPTS)[::3]:  # prompts 0, 3 and 6: two on rank 0, one on rank 1
+                responses.write(json.dumps({"prompt": prompt, "response": "12"}) + "\n")
+        module = SameGlobalRollout(
+            spec, rubric="rubric.yaml", advantage=AdvantageConfig("leave_one_out", "batch"),
+            off_policy=OffPolicyConfig(responses_file="responses.jsonl", treatment="all"),
+            loss=SurrogateConfig(beta=0.1, aggregation="token"), **common,
         )
     else:
         module = SameGlobalRollout(
-            spec, rewards=[LengthParityWithGaps()], sampling=SamplingParams(max_new_tokens=6), optimizer=optimizer,
-            beta=0.1, aggregation="token", reward_scaling="batch", micro_batch_size=4, max_grad_norm=0.5,
+            spec, rewards=rewards, advantage=AdvantageConfig("mean", "batch"), loss=SurrogateConfig(beta=0.1, aggregation="token"), **common,
         )
     data = RolloutDataModule(task=ArithmeticTask(num_train=64, num_val=4), group_size=GROUP_SIZE, batch_size=4)
     return module, data
+
+
+GRAPE_RUBRIC = """\
+default_category: math
+categories:
+  math:
+    - {name: parity, weight: 1.0, kind: verifiable, check: python, function: "tests.test_ddp_equivalence:parity_with_gaps"}
+"""
+
+
+def parity_with_gaps(prompt, response, metadata):
+    """1 for responses of odd length; about every fifth response cannot be scored."""
+    return None if zlib.crc32(f"{prompt}|{response}".encode()) % 5 == 0 else float(len(response) % 2)
+
+
+def train_prompts(count):
+    """The first ``count`` training prompts of the task every setup samples from."""
+    from grape_lightning.data.tasks import ArithmeticTask
+
+    return [example.prompt for example in ArithmeticTask(num_train=64, num_val=4).examples("train")][:count]
 
 
 def _select(rollout, rows, renumber):
@@ -110,7 +155,7 @@ def _select(rollout, rows, renumber):
         elif isinstance(value, list) and len(value) == len(rollout):
             value = [value[i] for i in rows.tolist()]
         elif isinstance(value, dict):
-            value = {key: item[rows] for key, item in value.items()}
+            value = {key: item[rows] if isinstance(item, torch.Tensor) else item for key, item in value.items()}
         fields[field.name] = value
     fields["groups"] = renumber(fields["groups"])
     return type(rollout)(**fields)
@@ -164,7 +209,10 @@ def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list
 
 @pytest.mark.parametrize(
     "algorithm, strategy",
-    [("grpo", "ddp"), ("dpo", "ddp"), ("ppo", "ddp"), ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2")],
+    [
+        ("grpo", "ddp"), ("grape", "ddp"), ("reinforce", "ddp"), ("rejection_sampling", "ddp"), ("dpo", "ddp"), ("ppo", "ddp"),
+        ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"),
+    ],
 )
 def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorithm, strategy, tmp_path):
     (single,) = _run(algorithm, 1, tmp_path / "single")
@@ -186,6 +234,9 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
         "dpo": ("train/rewards/accuracies", "train/rewards/margins", "train/sft_nll"),
         "grpo": ("train/kl", "train/policy_loss", "train/tied_groups", "train/advantage_abs_mean"),
         "grpo_tied": ("train/kl", "train/policy_loss"),
+        "grape": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
+        "reinforce": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
+        "rejection_sampling": ("train/nll", "train/kept_fraction", "train/kept_reward"),
         "ppo": ("train/kl", "train/kl_coef", "train/reward_scale", "train/advantage_std", "train/value_loss"),
     }
     for name in checked.get(algorithm, ()):

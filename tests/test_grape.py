@@ -8,7 +8,11 @@ import lightning as L
 import pytest
 import torch
 
-from grape_lightning.algorithms import GRAPEModule, GRPOModule, OffPolicyConfig, OptimizerConfig
+from grape_lightning.advantages import compute_advantages
+from grape_lightning.algorithms import (
+    AdvantageConfig, GRAPEModule, GRPOModule, OffPolicyConfig, OptimizerConfig, SurrogateConfig, UpdateConfig,
+)
+from grape_lightning.algorithms.grape import trained_members
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.models import ModelSpec
 from grape_lightning.rewards import NumericMatch, PythonCallable
@@ -70,7 +74,8 @@ def _trainer(tmp_path, max_steps):
 
 def test_one_verifiable_item_with_std_scaling_is_exactly_grpo(tmp_path):
     options = dict(sampling=SamplingParams(max_new_tokens=4, temperature=1.0), optimizer=OptimizerConfig(lr=1e-3),
-                   beta=0.02, reward_scaling="group", num_iterations=2, mini_batch_size=8)
+                   advantage=AdvantageConfig("mean", "group"), loss=SurrogateConfig(beta=0.02),
+                   update=UpdateConfig(epochs=2, mini_batch_size=8))
     L.seed_everything(0)
     grape = GRAPEModule(tiny_spec(), rubric=_write(tmp_path, ONE_ITEM), **options)
     L.seed_everything(0)
@@ -84,7 +89,7 @@ def test_one_verifiable_item_with_std_scaling_is_exactly_grpo(tmp_path):
     batch["metadata"] = [{**m, "answer": "1"} if i % 3 == 0 else m for i, m in enumerate(batch["metadata"])]
     ours, theirs = grape.collect_rollout(batch), grpo.collect_rollout(batch)
     assert torch.equal(ours.input_ids, theirs.input_ids)
-    assert torch.equal(ours.rewards, theirs.rewards) and torch.equal(grape.advantages(ours), grpo.advantages(theirs))
+    assert torch.equal(ours.rewards, theirs.rewards) and torch.equal(_advantages(grape, ours), _advantages(grpo, theirs))
 
     _trainer(tmp_path / "a", 4).fit(grape, _datamodule())
     _trainer(tmp_path / "b", 4).fit(grpo, _datamodule())
@@ -108,22 +113,32 @@ def _rows(rollout, keep):
     )
 
 
+def _advantages(module, rollout):
+    return compute_advantages(module.advantage, rollout.rewards, rollout.groups, rollout.valid).advantages
+
+
 def _evaluated_update(module, rollout, logged=None):
     """Run ``module.update`` with each step evaluated instead of taken: per step, the loss and the
     gradient of every parameter (the micro-batches' sum, as the optimizer would see it). The
     logged metrics go to ``logged`` (a dict) when given."""
-    steps = []
+    steps, loss = [], [0.0]
 
-    def evaluate(index, micro_loss):
-        module.policy.zero_grad(set_to_none=False)
-        loss = 0.0
-        for micro in index.split(module.micro_batch_size):
-            micro_value = micro_loss(micro)
-            micro_value.backward()
-            loss += float(micro_value.detach())
-        steps.append((loss, [p.grad.detach().clone() for p in module.policy.parameters()]))
+    class Evaluate:
+        def zero_grad(self, set_to_none=True):
+            module.policy.zero_grad(set_to_none=False)
+            loss[0] = 0.0
 
-    module.optimizer_step_over = evaluate
+        def step(self):
+            steps.append((loss[0], [p.grad.detach().clone() for p in module.policy.parameters()]))
+
+    def backward(value):
+        value.backward()
+        loss[0] += float(value.detach())
+
+    module.optimizers = Evaluate
+    module.manual_backward = backward
+    module.clip_gradients = lambda *args, **kwargs: None
+    module.lr_schedulers = lambda: None
     module.log_metrics = lambda metrics, prefix="train/": (logged if logged is not None else {}).update(metrics)
     module.update(rollout)
     return steps
@@ -148,9 +163,9 @@ def test_unscored_responses_leave_the_update_as_in_grpo(tmp_path, baseline, scal
     """One verifiable item of weight 1 whose verifier returns None for some responses: GRAPE's
     advantages, loss and gradients are those of the rollout without those responses (GRPO's
     semantics), and with the mean baseline exactly GRPOModule's (float64, to 1e-12)."""
-    options = dict(sampling=SamplingParams(max_new_tokens=4, temperature=1.0), beta=0.05, reward_scaling=scaling, micro_batch_size=6)
+    options = dict(sampling=SamplingParams(max_new_tokens=4, temperature=1.0), loss=SurrogateConfig(beta=0.05), update=UpdateConfig(micro_batch_size=6))
     L.seed_everything(0)
-    grape = GRAPEModule(tiny_spec(dtype="float64"), rubric=_write(tmp_path, FLAKY), baseline=baseline, **options)
+    grape = GRAPEModule(tiny_spec(dtype="float64"), rubric=_write(tmp_path, FLAKY), advantage=AdvantageConfig(baseline, scaling), **options)
     datamodule = _datamodule(group_size=5)
     datamodule.set_tokenizer(grape.tokenizer)
     datamodule.setup()
@@ -164,21 +179,22 @@ def test_unscored_responses_leave_the_update_as_in_grpo(tmp_path, baseline, scal
         unscored[rollout.groups == g].any() and (~unscored[rollout.groups == g]).sum() >= 2 for g in range(4)
     )
 
-    advantages = grape.advantages(rollout)
+    advantages = _advantages(grape, rollout)
     torch.testing.assert_close(advantages, torch.tensor(_hand_advantages(rewards, groups, baseline, scaling), dtype=torch.float64), rtol=0, atol=1e-12)
     assert (advantages[unscored] == 0).all()
     scored_only = _rows(rollout, rollout.valid)
-    torch.testing.assert_close(advantages[rollout.valid], grape.advantages(scored_only), rtol=0, atol=1e-12)
+    torch.testing.assert_close(advantages[rollout.valid], _advantages(grape, scored_only), rtol=0, atol=1e-12)
 
     steps = _evaluated_update(grape, rollout)
-    grape.last_rubric_scores = None  # the per-item metrics belong to the full rollout
     expected_steps = _evaluated_update(grape, scored_only)
     if baseline == "mean":
         L.seed_everything(0)
-        grpo = GRPOModule(tiny_spec(dtype="float64"), rewards=[PythonCallable("tests.test_grape:flaky_verifier")], **options)
+        grpo = GRPOModule(
+            tiny_spec(dtype="float64"), rewards=[PythonCallable("tests.test_grape:flaky_verifier")], advantage=AdvantageConfig("mean", scaling), **options
+        )
         theirs = grpo.collect_rollout(batch)
         assert torch.equal(theirs.input_ids, rollout.input_ids) and torch.equal(theirs.valid, rollout.valid)
-        torch.testing.assert_close(grpo.advantages(theirs), advantages, rtol=0, atol=1e-12)
+        torch.testing.assert_close(_advantages(grpo, theirs), advantages, rtol=0, atol=1e-12)
         expected_steps += _evaluated_update(grpo, theirs)
     assert len(steps) == 1 and len(expected_steps) in (1, 2)
     (loss, gradients) = steps[0]
@@ -199,16 +215,16 @@ def test_k1_kl_in_the_loss_is_refused(tmp_path, algorithm):
         return GRAPEModule(tiny_spec(), rubric=_write(tmp_path, ONE_ITEM), **options)
 
     with pytest.raises(ValueError, match="'k1' cannot be a loss term.*Use 'k3'.*or 'k2'"):
-        make(kl_estimator="k1", beta=0.04)
-    assert make(kl_estimator="k1", beta=0.0).reference is None
-    assert make(kl_estimator="k2", beta=0.04).kl_estimator == "k2"
+        make(loss=SurrogateConfig(kl_estimator="k1", beta=0.04))
+    assert make(loss=SurrogateConfig(kl_estimator="k1", beta=0.0)).reference is None
+    assert make(loss=SurrogateConfig(kl_estimator="k2", beta=0.04)).loss.kl_estimator == "k2"
 
 
 def test_reference_answers_join_the_sample_set(tmp_path):
     module = GRAPEModule(
         tiny_spec(), rubric=_write(tmp_path, ONE_ITEM), sampling=SamplingParams(max_new_tokens=4),
-        off_policy=OffPolicyConfig(reference_answers=True, treatment="positive_only"), beta=0.0,
-        num_iterations=2,  # a second pass needs pi_old's log-probs (one pass reads them off its own forward)
+        off_policy=OffPolicyConfig(reference_answers=True, treatment="positive_only"), loss=SurrogateConfig(beta=0.0),
+        update=UpdateConfig(epochs=2),  # a second pass needs pi_old's log-probs (one pass reads them off its own forward)
     )
     datamodule = _datamodule()
     datamodule.set_tokenizer(module.tokenizer)
@@ -227,11 +243,11 @@ def test_reference_answers_join_the_sample_set(tmp_path):
         assert torch.equal(rollout.input_ids[row, : 5], rollout.input_ids[on_policy_rows[0], : 5])
     # pi_old's log-probs of the off-policy responses come from a forward pass (ratio 1 at first).
     assert (rollout.old_logprobs[extra][rollout.response_mask[extra]] < 0).all()
-    advantages = module.advantages(rollout)
-    trained = module.trained_rows(rollout, advantages, torch.zeros(4, dtype=torch.bool))
-    assert torch.equal(trained[extra], advantages[extra] > 0)
-    module.off_policy.treatment = "baseline_only"
-    assert not module.trained_rows(rollout, advantages, torch.zeros(4, dtype=torch.bool))[extra].any()
+    advantages = _advantages(module, rollout)
+    trained = trained_members(rollout.valid, rollout.off_policy, advantages, "positive_only")
+    assert torch.equal(trained[extra], advantages[extra] > 0) and trained[~rollout.off_policy].all()
+    assert not trained_members(rollout.valid, rollout.off_policy, advantages, "baseline_only")[extra].any()
+    assert trained_members(rollout.valid, rollout.off_policy, advantages, "all")[extra].all()
 
 
 def test_off_policy_rows_have_no_sampler_logprobs_and_stay_out_of_the_kl_metric(tmp_path):
@@ -242,7 +258,7 @@ def test_off_policy_rows_have_no_sampler_logprobs_and_stay_out_of_the_kl_metric(
     beta = 0.05
     module = GRAPEModule(
         tiny_spec(dtype="float64"), rubric=_write(tmp_path, ONE_ITEM), sampling=SamplingParams(max_new_tokens=4),
-        off_policy=OffPolicyConfig(reference_answers=True, treatment="all"), beta=beta,
+        off_policy=OffPolicyConfig(reference_answers=True, treatment="all"), loss=SurrogateConfig(beta=beta),
     )
     with torch.no_grad():  # move the policy away from the reference: a KL of 0 would prove nothing
         for parameter in module.policy.parameters():
@@ -266,7 +282,7 @@ def test_off_policy_rows_have_no_sampler_logprobs_and_stay_out_of_the_kl_metric(
         inputs = rollout.model_inputs(index)
         logprobs = module.policy_logprobs(inputs, temperature=module.sampling.logprob_temperature).logprobs.tolist()
     ref, rows_mask = rollout.take("ref_logprobs", index).tolist(), inputs["response_mask"].tolist()
-    advantages = module.advantages(rollout).tolist()
+    advantages = _advantages(module, rollout).tolist()
     per_row_kl = []
     for row in range(len(rollout)):
         terms = [math.exp(r - l) - (r - l) - 1 for l, r, m in zip(logprobs[row], ref[row], rows_mask[row]) if m]
@@ -282,7 +298,7 @@ def test_off_policy_rows_have_no_sampler_logprobs_and_stay_out_of_the_kl_metric(
 def test_per_item_metrics_and_sample_details(tmp_path):
     module = GRAPEModule(
         tiny_spec(), rubric=_write(tmp_path, MIXED), critics={"digits": CallableCritic("tests.test_grape:digits")},
-        sampling=SamplingParams(max_new_tokens=4), beta=0.0,
+        sampling=SamplingParams(max_new_tokens=4), loss=SurrogateConfig(beta=0.0),
     )
     trainer = _trainer(tmp_path, 2)
     trainer.fit(module, _datamodule())
@@ -304,7 +320,7 @@ def test_grape_raises_verifier_accuracy(tmp_path, rubric):
         rubric=_write(tmp_path, ONE_ITEM if rubric == "one_item" else MIXED),
         critics={"digits": CallableCritic("tests.test_grape:digits")},
         sampling=SamplingParams(max_new_tokens=6), optimizer=OptimizerConfig(lr=2e-4),
-        reward_scaling="group", beta=0.0,
+        advantage=AdvantageConfig("mean", "group"), loss=SurrogateConfig(beta=0.0), accuracy="math/correct",
     )
     datamodule = RolloutDataModule(
         task=ArithmeticTask(digits=2, operators="+", num_train=3000, num_val=200), group_size=8, batch_size=16, val_batch_size=200,

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
-from grape_lightning.algorithms import DPOModule, GRPOModule, OptimizerConfig
+from grape_lightning.algorithms import DPOModule, GRPOModule, OptimizerConfig, SurrogateConfig
 from grape_lightning.data import PreferenceDataModule
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.models.loading import load_causal_lm
@@ -108,7 +108,7 @@ def _grpo_run(root, max_steps, checkpoint=None, ckpt_path=None, stop_at=None):
     L.seed_everything(0)
     module = GRPOModule(
         tiny_spec(lora=LORA), rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=4),
-        optimizer=OptimizerConfig(lr=5e-2), beta=0.1,
+        optimizer=OptimizerConfig(lr=5e-2), loss=SurrogateConfig(beta=0.1),
     )
     datamodule = RolloutDataModule(task=ArithmeticTask(num_train=64, num_val=8), group_size=4, batch_size=4)
     callbacks = [c for c in (checkpoint,) if c]

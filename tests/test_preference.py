@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from grape_lightning.algorithms import DPOModule, GRPOModule, OptimizerConfig, RewardModelModule
+from grape_lightning.algorithms import DPOModule, GRPOModule, OptimizerConfig, RewardModelModule, SurrogateConfig
 from grape_lightning.data import PreferenceDataModule
 from grape_lightning.data.char_tokenizer import CHAT_TEMPLATE, build_char_tokenizer
 from grape_lightning.data.jsonl import DataFormatError
@@ -184,7 +184,7 @@ def _pair_batch(module, prompt, chosen, rejected):
 def test_reward_model_plugs_into_grpo(tmp_path):
     rm = RewardModelModule(tiny_spec())
     rm.export_hf(tmp_path / "rm")
-    module = GRPOModule(tiny_spec(), rewards=[RewardModelScore(str(tmp_path / "rm"), device="cpu")], sampling=SamplingParams(max_new_tokens=3), beta=0.0)
+    module = GRPOModule(tiny_spec(), rewards=[RewardModelScore(str(tmp_path / "rm"), device="cpu")], sampling=SamplingParams(max_new_tokens=3), loss=SurrogateConfig(beta=0.0))
     datamodule = RolloutDataModule(task=ArithmeticTask(num_train=16, num_val=4), group_size=4, batch_size=4)
     trainer = _trainer(tmp_path, 2, limit_val_batches=0)
     trainer.fit(module, datamodule)

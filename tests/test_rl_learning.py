@@ -8,16 +8,16 @@ correctly under greedy decoding. Each run takes 100 optimizer steps (100 rollout
 import lightning as L
 import pytest
 
-from grape_lightning.algorithms import GRPOModule, OptimizerConfig, REINFORCEModule, RejectionSamplingModule
+from grape_lightning.algorithms import AdvantageConfig, GRPOModule, OptimizerConfig, REINFORCEModule, RejectionSamplingModule, SurrogateConfig
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.models import ModelSpec
 from grape_lightning.rewards import NumericMatch
 from grape_lightning.rollout import RolloutDataModule, SamplingParams
 
 ALGORITHMS = {
-    "grpo": (GRPOModule, {"beta": 0.0}),
-    "grpo_kl_token": (GRPOModule, {"beta": 0.01, "aggregation": "token", "eps_high": 0.28}),
-    "reinforce": (REINFORCEModule, {"baseline": "leave_one_out"}),
+    "grpo": (GRPOModule, {"loss": SurrogateConfig(beta=0.0)}),
+    "grpo_kl_token": (GRPOModule, {"loss": SurrogateConfig(beta=0.01, aggregation="token", eps_high=0.28)}),
+    "reinforce": (REINFORCEModule, {"advantage": AdvantageConfig("leave_one_out", "none")}),
     "rejection_sampling": (RejectionSamplingModule, {"keep_top_k": 1, "reward_threshold": 1.0}),
 }
 
@@ -33,6 +33,7 @@ def train_from_sft_model(module_class, rewards, options: dict, max_steps: int, t
     module = module_class(
         policy=ModelSpec(name_or_path="grape/tiny-addition-sft"),
         rewards=rewards,
+        accuracy="numeric_match",
         sampling=SamplingParams(max_new_tokens=6, temperature=1.0),
         optimizer=OptimizerConfig(lr=2e-4),
         **options,
