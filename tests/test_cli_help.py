@@ -90,12 +90,13 @@ def test_grape_help_lists_every_subcommand(tmp_path, capsys):
 
 def test_fit_help_and_print_config_show_argument_help(capsys):
     code, help_text, _ = grape_in_process("fit", "--model.help", "grape_lightning.algorithms.GRPOModule", capsys=capsys)
-    assert code == 0 and "upper clip range" in help_text and "passes over each rollout batch" in help_text
+    assert code == 0 and "clip range, KL penalty and token aggregation" in help_text and "--model.update" in help_text
     code, printed, _ = grape_in_process("fit", "--config", str(ROOT / "configs/grpo.yaml"), "--print_config=comments", capsys=capsys)
     assert code == 0
     assert "# responses sampled per prompt (G)" in printed  # RolloutDataModule.group_size
     assert "# hub id or local directory of a pretrained model" in printed  # ModelSpec.name_or_path
-    assert yaml.safe_load(printed)["model"]["init_args"]["eps_high"] == 0.2
+    assert "# upper clip range" in printed and "# passes over each rollout batch" in printed  # SurrogateConfig, UpdateConfig
+    assert yaml.safe_load(printed)["model"]["init_args"]["loss"]["eps_high"] == 0.2
 
 
 def _typo(tmp_path: Path, old: str, new: str) -> Path:
@@ -108,7 +109,8 @@ def _typo(tmp_path: Path, old: str, new: str) -> Path:
 
 @pytest.mark.parametrize("old, new, key, hint", [
     ("  val_check_interval:", "  val_chek_interval:", "trainer.val_chek_interval", "did you mean 'trainer.val_check_interval'?"),
-    ("    beta: 0.0", "    betta: 0.0", "model.init_args.betta", "GRPOModule has no parameter 'betta'; did you mean 'beta'?"),
+    ("      beta: 0.0", "      betta: 0.0", "model.init_args.loss.betta", "SurrogateConfig has no parameter 'betta'; did you mean 'beta'?"),
+    ("  accuracy:", "  acuracy:", "model.init_args.acuracy", "GRPOModule has no parameter 'acuracy'; did you mean 'accuracy'?"),
     ("max_new_tokens: 6", "max_new_tokenz: 6", "model.init_args.sampling.max_new_tokenz", "did you mean 'max_new_tokens'?"),
     ("num_train: 3000", "num_trian: 3000", "data.init_args.task.init_args.num_trian", "did you mean 'num_train'?"),
 ])
@@ -122,7 +124,7 @@ def test_a_misspelled_yaml_key_names_the_file_and_the_key(tmp_path, capsys, old,
 
 
 def test_a_misspelled_command_line_key_says_so(capsys):
-    code, _, err = grape_in_process("fit", "--config", str(ROOT / "configs/grpo.yaml"), "--model.init_args.bta", "3", capsys=capsys)
+    code, _, err = grape_in_process("fit", "--config", str(ROOT / "configs/grpo.yaml"), "--model.init_args.sed", "3", capsys=capsys)
     assert code == 2
-    assert err.startswith("error: command line: unknown key 'bta' (GRPOModule has no parameter 'bta'; did you mean 'beta'?)")
+    assert err.startswith("error: command line: unknown key 'sed' (GRPOModule has no parameter 'sed'; did you mean 'seed'?)")
     assert "usage:" not in err
