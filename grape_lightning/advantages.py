@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 Baseline = Literal["none", "mean", "batch_mean", "leave_one_out", "moving_average", "value"]
 Scaling = Literal["none", "group", "batch", "whiten"]
-RewardScaling = Literal["group", "batch", "none"]
 
 
 @dataclass
@@ -65,28 +64,6 @@ def group_statistics(rewards: Tensor, groups: Tensor, valid: Tensor | None = Non
     variance = torch.zeros_like(count).index_add(0, groups, squared) / (count - 1).clamp(min=1)
     std = torch.where(count >= 2, variance.sqrt(), 0.0)
     return GroupStatistics(mean=mean, std=std, count=count)
-
-
-def group_relative_advantages(
-    rewards: Tensor, groups: Tensor, valid: Tensor | None = None, scaling: RewardScaling = "group", eps: float = 1e-4
-) -> Tensor:
-    """GRPO: A_i = (r_i - mean_{g(i)} r) / (std + eps), std of the group, of the batch, or 1 (none).
-
-    The std is the unbiased one, sqrt(sum (r - mean)^2 / (n - 1)) over the n valid rewards of the
-    group (of the batch), 0 for a group of one, as everywhere in this module. With
-    eps = 0 a group's advantages have unbiased std 1. ``scaling="none"`` is Dr. GRPO's unscaled
-    advantage r_i - mean_group r.
-    """
-    valid = _valid(rewards, valid)
-    stats = group_statistics(rewards, groups, valid)
-    centred = rewards - stats.mean[groups]
-    if scaling == "group":
-        centred = centred / (stats.std[groups] + eps)
-    elif scaling == "batch":
-        centred = centred / (rewards[valid].std() + eps if int(valid.sum()) >= 2 else 1.0 + eps)
-    elif scaling != "none":
-        raise ValueError(f"scaling must be 'group', 'batch' or 'none', got {scaling!r}")
-    return torch.where(valid, centred, 0.0)
 
 
 def leave_one_out_baseline(rewards: Tensor, groups: Tensor, valid: Tensor | None = None) -> Tensor:

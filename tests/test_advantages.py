@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from grape_lightning.advantages import (
+    AdvantageConfig,
+    compute_advantages,
     batch_mean_baseline,
-    group_relative_advantages,
     group_statistics,
     leave_one_out_baseline,
     whiten,
@@ -142,21 +143,20 @@ def test_std_is_unbiased():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_group_scaling_uses_the_unbiased_std_and_whitening_the_population_std(seed):
-    """The two conventions the module docstring names: on one group, with eps = 0, group scaling
-    divides by sqrt(M2 / (n - 1)) and whitening by sqrt(M2 / n), so whiten = group * sqrt(n / (n - 1))."""
+def test_group_scaling_and_whitening_use_the_same_unbiased_std(seed):
+    """One std convention: on one group, with eps = 0, group scaling and whitening both divide by
+    sqrt(M2 / (n - 1)), so they agree."""
     rng = random.Random(seed)
     n = rng.randint(2, 9)
     xs = [rng.uniform(-3.0, 3.0) for _ in range(n)]
     mean = math.fsum(xs) / n
     m2 = math.fsum((x - mean) ** 2 for x in xs)
     rewards = torch.tensor(xs, dtype=torch.float64)
-    grouped = group_relative_advantages(rewards, torch.zeros(n, dtype=torch.long), scaling="group", eps=0.0)
+    grouped = compute_advantages(AdvantageConfig("mean", "group", eps=0.0), rewards, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)).advantages
     whitened = whiten(rewards, torch.ones(n, dtype=torch.bool), eps=0.0)
     for x, g, w in zip(xs, grouped.tolist(), whitened.tolist()):
         assert g == pytest.approx((x - mean) / math.sqrt(m2 / (n - 1)), abs=1e-12)
-        assert w == pytest.approx((x - mean) / math.sqrt(m2 / n), abs=1e-12)
-        assert w == pytest.approx(g * math.sqrt(n / (n - 1)), abs=1e-12)
+        assert w == pytest.approx((x - mean) / math.sqrt(m2 / (n - 1)), abs=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -172,65 +172,10 @@ def test_tied_group_has_std_zero_and_zero_advantages(dtype, value, size):
     assert stats.tied.tolist() == [True, False]
     assert stats.std[0].item() == 0.0
     assert stats.mean[0].item() == rewards[0].item()
-    for scaling in ("group", "batch", "none"):
-        advantages = group_relative_advantages(rewards, groups, scaling=scaling)
+    for scaling in ("group", "batch", "none", "whiten"):
+        advantages = compute_advantages(AdvantageConfig("mean", scaling), rewards, groups, torch.ones_like(groups, dtype=torch.bool)).advantages
         assert torch.all(advantages[:size] == 0), scaling
     assert torch.all(rewards[:size] - leave_one_out_baseline(rewards, groups)[:size] == 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# group_relative_advantages
-# ----------------------------------------------------------------------------------------------
-
-
-def loop_advantages(rewards, groups, valid, scaling: str, eps: float) -> list[float]:
-    members = members_by_group(rewards, groups, valid)
-    usable = [r for r, ok in zip(rewards, valid) if is_usable(r, ok)]
-    out = []
-    for r, g, ok in zip(rewards, groups, valid):
-        if not is_usable(r, ok):
-            out.append(0.0)
-            continue
-        centred = r - loop_mean(members[g])
-        if scaling == "group":
-            out.append(centred / (loop_unbiased_std(members[g]) + eps))
-        elif scaling == "batch":
-            out.append(centred / (loop_unbiased_std(usable) + eps))
-        else:
-            out.append(centred)
-    return out
-
-
-@pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("scaling", ["group", "batch", "none"])
-@pytest.mark.parametrize("eps", [1e-4, 0.5])
-def test_group_relative_advantages_match_loops(seed, scaling, eps):
-    rewards, groups, valid = random_batch(seed)
-    got = group_relative_advantages(*tensors(rewards, groups, valid), scaling=scaling, eps=eps)
-    expected = torch.tensor(loop_advantages(rewards, groups, valid, scaling, eps), dtype=torch.float64)
-    assert got.dtype == torch.float64
-    torch.testing.assert_close(got, expected, **TOL)
-    assert not torch.isnan(got).any()
-
-
-def test_group_scaling_differs_from_batch_scaling():
-    # guards the loops above: two groups with very different spreads
-    rewards = torch.tensor([0.0, 1.0, 0.0, 100.0], dtype=torch.float64)
-    groups = torch.tensor([0, 0, 1, 1])
-    group = group_relative_advantages(rewards, groups, scaling="group", eps=0.0)
-    batch = group_relative_advantages(rewards, groups, scaling="batch", eps=0.0)
-    none = group_relative_advantages(rewards, groups, scaling="none")
-    s = math.sqrt(0.5)
-    expected_group = [-0.5 / s, 0.5 / s, -50.0 / (100 * s), 50.0 / (100 * s)]
-    torch.testing.assert_close(group, torch.tensor(expected_group, dtype=torch.float64), **TOL)
-    batch_std = loop_unbiased_std([0.0, 1.0, 0.0, 100.0])
-    torch.testing.assert_close(batch, torch.tensor([-0.5, 0.5, -50.0, 50.0], dtype=torch.float64) / batch_std, **TOL)
-    torch.testing.assert_close(none, torch.tensor([-0.5, 0.5, -50.0, 50.0], dtype=torch.float64), **TOL)
-
-
-def test_unknown_scaling_raises():
-    with pytest.raises(ValueError, match="scaling"):
-        group_relative_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0, 0]), scaling="std")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,24 +245,22 @@ def random_values_and_mask(seed: int, batch: int = 5, time: int = 9):
     return values, mask
 
 
-def loop_population_moments(values, mask):
+def loop_unbiased_moments(values, mask):
     selected = [v for row, mrow in zip(values, mask) for v, m in zip(row, mrow) if m]
-    mean = math.fsum(selected) / len(selected)
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in selected) / len(selected))
-    return selected, mean, std
+    return selected, loop_mean(selected), loop_unbiased_std(selected)
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_whiten_matches_loop_and_normalises_masked_entries(seed):
     values, mask = random_values_and_mask(seed)
-    _, mean, std = loop_population_moments(values, mask)
+    _, mean, std = loop_unbiased_moments(values, mask)
     got = whiten(torch.tensor(values, dtype=torch.float64), torch.tensor(mask), eps=0.0)
     for b, (row, mrow) in enumerate(zip(values, mask)):
         for t, (v, m) in enumerate(zip(row, mrow)):
             expected = (v - mean) / std if m else 0.0
             assert got[b, t].item() == pytest.approx(expected, abs=1e-12)
     whitened = [got[b, t].item() for b in range(len(mask)) for t in range(len(mask[0])) if mask[b][t]]
-    _, m2, s2 = loop_population_moments([whitened], [[1] * len(whitened)])
+    _, m2, s2 = loop_unbiased_moments([whitened], [[1] * len(whitened)])
     assert abs(m2) < 1e-12 and abs(s2 - 1.0) < 1e-12
 
 
@@ -339,7 +282,7 @@ def test_whiten_ignores_padding(shift_mean):
 def test_whiten_without_mean_shift_only_rescales():
     values, mask = random_values_and_mask(11)
     values = [[v + 4.0 for v in row] for row in values]
-    _, mean, std = loop_population_moments(values, mask)
+    _, mean, std = loop_unbiased_moments(values, mask)
     assert abs(mean) > 1.0  # the shift would be visible
     got = whiten(torch.tensor(values, dtype=torch.float64), torch.tensor(mask), shift_mean=False, eps=0.0)
     for b, (row, mrow) in enumerate(zip(values, mask)):
@@ -348,3 +291,108 @@ def test_whiten_without_mean_shift_only_rescales():
             assert got[b, t].item() == pytest.approx(expected, abs=1e-12)
             if m and v != 0:
                 assert math.copysign(1.0, got[b, t].item()) == math.copysign(1.0, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# compute_advantages: the entry point, every baseline and scaling
+# ----------------------------------------------------------------------------------------------
+
+BASELINES = ["none", "mean", "batch_mean", "leave_one_out", "moving_average"]
+SCALINGS = ["none", "group", "batch", "whiten"]
+
+
+def loop_advantages(rewards, groups, valid, baseline, scaling, eps, moving=None, momentum=0.9):
+    """A = scale(r - b) by loops over the usable rewards; ``moving`` is the moving average before
+    this batch (None: the first batch). Returns (advantages, the moving average after)."""
+    usable = [is_usable(r, ok) for r, ok in zip(rewards, valid)]
+    members = members_by_group(rewards, groups, valid)
+    everyone = [r for r, u in zip(rewards, usable) if u]
+    batch_mean = loop_mean(everyone) if everyone else 0.0
+    after = moving
+    if baseline == "moving_average" and everyone:
+        b_moving = batch_mean if moving is None else moving
+        after = momentum * b_moving + (1 - momentum) * batch_mean
+    centred = []
+    for r, g, u in zip(rewards, groups, usable):
+        if not u:
+            centred.append(0.0)
+            continue
+        others = list(members[g])
+        others.remove(r)
+        b = {
+            "none": 0.0,
+            "mean": loop_mean(members[g]),
+            "batch_mean": batch_mean,
+            "leave_one_out": loop_mean(others) if others else r,
+            "moving_average": (batch_mean if moving is None else moving) if everyone else (moving or 0.0),
+        }[baseline]
+        centred.append(r - b)
+    out = []
+    kept = [c for c, u in zip(centred, usable) if u]
+    for c, g, u in zip(centred, groups, usable):
+        if not u:
+            out.append(0.0)
+        elif scaling == "none":
+            out.append(c)
+        elif scaling == "group":
+            out.append(c / (loop_unbiased_std(members[g]) + eps))
+        elif scaling == "batch":
+            out.append(c / ((loop_unbiased_std(everyone) if len(everyone) >= 2 else 1.0) + eps))
+        else:
+            std = loop_unbiased_std(kept) if len(kept) >= 2 else 1.0
+            out.append((c - loop_mean(kept)) / (std + eps))
+    return out, after
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("baseline", BASELINES)
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_compute_advantages_matches_loops_for_every_baseline_and_scaling(seed, baseline, scaling):
+    from grape_lightning.advantages import MovingAverageBaseline
+
+    rewards, groups, valid = random_batch(seed)
+    config = AdvantageConfig(baseline, scaling, eps=1e-3)
+    moving = MovingAverageBaseline()
+    expected, after = None, None
+    for step in range(2):  # twice: the moving average's first batch, then its average
+        shifted = [r + step for r in rewards]
+        got = compute_advantages(config, *tensors(shifted, groups, valid), moving_average=moving).advantages
+        expected, after = loop_advantages(shifted, groups, valid, baseline, scaling, 1e-3, after)
+        torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), **TOL)
+    assert any(abs(a) > 1e-3 for a in expected)  # not a comparison of zeros
+    if baseline == "moving_average":
+        assert float(moving.value) == pytest.approx(after, abs=1e-12)
+
+
+@pytest.mark.parametrize("baseline", BASELINES)
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_two_processes_compute_the_advantages_of_their_global_batch(baseline, scaling):
+    """Whole groups split over two ranks (one with more rows than the other): each rank's
+    advantages are the single-process advantages of the global batch at its rows."""
+    from grape_lightning.advantages import MovingAverageBaseline
+    from tests.thread_processes import run_ranks
+
+    rewards, groups, valid = random_batch(5, num_groups=7)
+    config = AdvantageConfig(baseline, scaling)
+    whole = compute_advantages(config, *tensors(rewards, groups, valid), moving_average=MovingAverageBaseline()).advantages
+    rows = [[i for i, g in enumerate(groups) if (g % 3 == 0) == (rank == 0)] for rank in range(2)]
+    assert len(rows[0]) != len(rows[1])
+
+    def advantages_on(rank, sum_across):
+        mine = rows[rank]
+        local = tensors([rewards[i] for i in mine], [groups[i] for i in mine], [valid[i] for i in mine])
+        return compute_advantages(config, *local, sum_across=sum_across, moving_average=MovingAverageBaseline()).advantages
+
+    for rank, advantages in enumerate(run_ranks(2, advantages_on)):  # sums in another order: relative rounding
+        torch.testing.assert_close(advantages, whole[rows[rank]], rtol=1e-12, atol=1e-12)
+
+
+def test_advantage_config_refuses_unknown_names_and_value_with_group_scaling():
+    from grape_lightning.advantages import AdvantageConfig
+
+    with pytest.raises(ValueError, match="advantage.baseline must be one of"):
+        AdvantageConfig("median")
+    with pytest.raises(ValueError, match="advantage.scaling must be one of"):
+        AdvantageConfig("mean", "std")
+    with pytest.raises(ValueError, match="with baseline 'value' use 'none' or 'whiten'"):
+        AdvantageConfig("value", "group")

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from grape_lightning.advantages import group_relative_advantages
+from grape_lightning.advantages import AdvantageConfig, compute_advantages
 from grape_lightning.losses import aggregate, clipped_surrogate, grpo_loss, kl_penalty, reinforce_loss
 
 F64 = torch.float64
@@ -403,7 +403,7 @@ def test_grpo_constant_aggregation_gradient_equals_reinforce_with_group_advantag
     rewards = [rng.choice([0.0, 0.25, 1.0]) + rng.uniform(0, 0.1) for _ in range(batch)]
     groups = [i // size for i in range(batch)]
     eps = 1e-4
-    advantages = group_relative_advantages(t(rewards), torch.tensor(groups), scaling="group", eps=eps)
+    advantages = compute_advantages(AdvantageConfig("mean", "group", eps=eps), t(rewards), torch.tensor(groups), torch.ones(batch, dtype=torch.bool)).advantages
     # the advantages themselves, by hand
     for i in range(batch):
         members = [rewards[j] for j in range(batch) if groups[j] == groups[i]]
