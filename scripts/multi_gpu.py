@@ -78,7 +78,7 @@ def build(algorithm: str, tiny: bool, workdir: Path, micro_batch_size: int = 64)
         "reinforce": lambda: A.REINFORCEModule(spec, **on_policy),
         "grpo": lambda: A.GRPOModule(spec, beta=0.04, **on_policy),
         "ppo": lambda: A.PPOModule(spec, epochs=1, **on_policy),
-        "trpo": lambda: A.TRPOModule(spec, rewards=[NumericMatch()], sampling=sampling, micro_batch_size=micro_batch_size),
+        "trpo": lambda: A.TRPOModule(spec, rewards=[NumericMatch()], sampling=sampling, update={"micro_batch_size": micro_batch_size}),
     }
     if algorithm == "grape":
         rubric = workdir / "rubric.yaml"

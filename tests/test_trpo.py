@@ -220,7 +220,7 @@ def test_response_rows_align_with_old_logprobs_and_accept_per_token_advantages()
     for batch, same in zip(per_sequence, per_token):
         torch.testing.assert_close(batch.advantages, same.advantages, rtol=0, atol=0)
         hidden, tokens = hidden_rows(module.policy, batch.inputs)
-        logprobs = module.log_distribution(hidden).gather(-1, tokens[:, None]).squeeze(-1)
+        logprobs = module.log_pi(hidden).gather(-1, tokens[:, None]).squeeze(-1)
         torch.testing.assert_close(logprobs, batch.old_logprobs, rtol=0, atol=1e-5)  # rho = 1 at theta_old
     assert sum(len(batch) for batch in per_sequence) == int(rollout.trained_mask.sum())
 

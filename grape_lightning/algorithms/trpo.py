@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import partial
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from grape_lightning.advantages import AdvantageConfig, compute_advantages
 from grape_lightning.algorithms.base import as_dataclass
 from grape_lightning.algorithms.on_policy import OnPolicyModule
-from grape_lightning.algorithms.trust_region_rows import ResponseRows, chunked_sum, hidden_rows, response_rows
+from grape_lightning.algorithms.trust_region_rows import ResponseRows, chunked_sum, head_weights, hidden_rows
+from grape_lightning.algorithms.trust_region_rows import response_rows, row_log_distribution
 from grape_lightning.algorithms.update_loop import UpdateConfig
 from grape_lightning.losses.trpo import mean_token_kl, trpo_surrogate
-from grape_lightning.models.logprobs import final_logit_softcap, log_distribution
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.natural_gradient import LineSearchResult, all_reduce_mean_, assign_, backtracking_line_search
 from grape_lightning.natural_gradient import conjugate_gradient, flat_dtype, flat_grad, hessian_vector_product
@@ -91,11 +89,12 @@ class TRPOModule(OnPolicyModule):
     ) -> None:
         scorer = RewardScorer(list(rewards), accuracy) if rewards else None
         super().__init__(policy, scorer, sampling, None, update, reference=False, seed=seed)
-        self.hparams.pop("optimizer", None)  # the base's option: TRPO's optimizer only applies its step
+        self.hparams.pop("optimizer", None)  # the base's AdamW option: TRPO's optimizer only applies its step
         if max_kl <= 0 or damping < 0 or not 0 < line_search_factor < 1 or min(line_search_tries, cg_iterations) < 1:
-            raise ValueError("TRPO needs max_kl > 0, damping >= 0, 0 < line_search_factor < 1, line_search_tries >= 1 and cg_iterations >= 1")
+            raise ValueError("TRPO needs max_kl > 0, damping >= 0, 0 < line_search_factor < 1, "
+                             "line_search_tries >= 1 and cg_iterations >= 1")
         if self.update_config.epochs != 1 or self.update_config.mini_batch_size is not None:
-            raise ValueError("TRPO takes one step from the whole rollout: update.epochs must be 1 and update.mini_batch_size null")
+            raise ValueError("TRPO takes one step from the whole rollout: update.epochs 1, update.mini_batch_size null")
         self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="mean", scaling="group")
         self.max_kl, self.damping, self.fisher_sample_size = max_kl, damping, fisher_sample_size
         self.cg_iterations, self.cg_tolerance = cg_iterations, cg_tolerance
@@ -107,30 +106,29 @@ class TRPOModule(OnPolicyModule):
         if not self.trainable_parameters():
             raise RuntimeError("TRPO has nothing to train: no policy parameter has requires_grad")
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # it would unscale the step
-            raise ValueError("TRPO sets its step as the gradient, which a loss scaler (16-mixed) rescales: use bf16 or 32")
+            raise ValueError("TRPO sets its step as the gradient, which 16-mixed's loss scaler rescales: use bf16 or 32")
         return torch.optim.SGD(self.trainable_parameters(), lr=1.0)
 
     def trainable_parameters(self) -> list[Tensor]:
         return [parameter for parameter in self.policy.parameters() if parameter.requires_grad]
 
-    def log_distribution(self, hidden: Tensor, head_parameters: dict[str, Tensor] | None = None) -> Tensor:
-        """log pi(. | s_t) [n, V] at the sampling temperature; ``head_parameters``: pi_old's head weights."""
-        head = self.policy.get_output_embeddings()
-        head = head if head_parameters is None else partial(functional_call, head, head_parameters)
-        return log_distribution(hidden, head, self.sampling.logprob_temperature, final_logit_softcap(self.policy))
+    def log_pi(self, hidden: Tensor, old_head: dict[str, Tensor] | None = None) -> Tensor:
+        """log pi(. | s_t) [n, V]; with ``old_head`` (its weights at theta_old) pi_old's."""
+        return row_log_distribution(self.policy, hidden, self.sampling.logprob_temperature, old_head)
 
-    def chunked_sum(self, term, *rows: Tensor) -> Tensor:
+    def chunked_sum(self, term: Callable[..., Tensor], *rows: Tensor) -> Tensor:
         return chunked_sum(term, *rows, chunk_size=self.update_config.logprob_chunk_size)
 
-    # -- the three quantities of the step: (S, g), F v, (KL, S) ------------------------------------
-    def surrogate_gradient(self, batches: list[ResponseRows], parameters: list[Tensor], num_tokens: int) -> tuple[Tensor, Tensor]:
+    # -- the quantities of the step: S and g, F v, KL ----------------------------------------------
+    def surrogate_gradient(self, batches: list[ResponseRows], parameters: list[Tensor], num_tokens: int):
         """(S(theta_old), g) on this rank; keeps each batch's hidden states at theta_old."""
         surrogate = torch.zeros((), dtype=torch.float64, device=self.device)
         gradient = torch.zeros(sum(p.numel() for p in parameters), dtype=flat_dtype(parameters), device=self.device)
 
         def term(hidden: Tensor, tokens: Tensor, old_logprobs: Tensor, advantages: Tensor) -> Tensor:
-            logprobs = self.log_distribution(hidden).gather(-1, tokens[:, None]).squeeze(-1)
-            return trpo_surrogate(logprobs, old_logprobs, advantages, torch.ones_like(tokens, dtype=torch.bool), num_tokens=num_tokens)[0]
+            logprobs = self.log_pi(hidden).gather(-1, tokens[:, None]).squeeze(-1)
+            every_row = torch.ones_like(tokens, dtype=torch.bool)
+            return trpo_surrogate(logprobs, old_logprobs, advantages, every_row, num_tokens=num_tokens)[0]
 
         for batch in batches:
             hidden, tokens = hidden_rows(self.policy, batch.inputs)
@@ -140,29 +138,30 @@ class TRPOModule(OnPolicyModule):
             surrogate += value.detach()
         return surrogate, gradient
 
-    def kl_hessian_vector_product(self, batches: list[ResponseRows], parameters: list[Tensor], vector: Tensor) -> Tensor:
-        """F v on this rank: the Hessian of KL(pi_old || pi_theta) at theta_old times v, pi_old = pi_theta detached."""
+    def kl_hessian_vector_product(self, batches: list[ResponseRows], parameters: list[Tensor], vector: Tensor):
+        """F v on this rank: the Hessian of KL(pi_old || pi_theta) at theta_old times v (pi_old: pi_theta detached)."""
         num_tokens = sum(len(batch) for batch in batches)
         product = torch.zeros_like(vector)
 
         def term(hidden: Tensor) -> Tensor:
-            log_pi = self.log_distribution(hidden)
-            return mean_token_kl(log_pi.detach(), log_pi, torch.ones_like(log_pi[:, 0], dtype=torch.bool), num_tokens=num_tokens)
+            log_pi, every_row = self.log_pi(hidden), torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+            return mean_token_kl(log_pi.detach(), log_pi, every_row, num_tokens=num_tokens)
 
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH):  # the attention kernel with a second derivative
             for batch in batches:
-                product += hessian_vector_product(self.chunked_sum(term, hidden_rows(self.policy, batch.inputs)[0]), parameters, vector)
+                kl = self.chunked_sum(term, hidden_rows(self.policy, batch.inputs)[0])
+                product += hessian_vector_product(kl, parameters, vector)
         return product
 
     @torch.no_grad()
     def kl_and_surrogate(self, batches: list[ResponseRows], old_head: dict[str, Tensor], num_tokens: int) -> Tensor:
         """[KL(pi_old || pi_theta), S(theta)] on this rank at the current parameters."""
 
-        def term(hidden: Tensor, old_hidden: Tensor, tokens: Tensor, old_logprobs: Tensor, advantages: Tensor) -> Tensor:
-            log_pi, mask = self.log_distribution(hidden), torch.ones_like(tokens, dtype=torch.bool)
-            kl = mean_token_kl(self.log_distribution(old_hidden, old_head), log_pi, mask, num_tokens=num_tokens)
+        def term(hidden: Tensor, old_hidden: Tensor, tokens: Tensor, old_logprobs: Tensor, advantages: Tensor):
+            log_pi, every_row = self.log_pi(hidden), torch.ones_like(tokens, dtype=torch.bool)
+            kl = mean_token_kl(self.log_pi(old_hidden, old_head), log_pi, every_row, num_tokens=num_tokens)
             logprobs = log_pi.gather(-1, tokens[:, None]).squeeze(-1)
-            return torch.stack([kl, trpo_surrogate(logprobs, old_logprobs, advantages, mask, num_tokens=num_tokens)[0]])
+            return torch.stack([kl, trpo_surrogate(logprobs, old_logprobs, advantages, every_row, num_tokens=num_tokens)[0]])
 
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in batches:
@@ -172,35 +171,36 @@ class TRPOModule(OnPolicyModule):
 
     # -- the update ---------------------------------------------------------------------------------
     def update(self, rollout: Rollout) -> None:
-        advantages = compute_advantages(self.advantage, rollout.rewards, rollout.groups, rollout.valid, sum_across=self.sum_across_processes).advantages
-        rows, micro_batch_size = rollout.valid.nonzero().flatten(), self.update_config.micro_batch_size
+        valid, sum_across = rollout.valid, self.sum_across_processes
+        advantages = compute_advantages(self.advantage, rollout.rewards, rollout.groups, valid, sum_across=sum_across).advantages
+        rows, micro_batch_size = valid.nonzero().flatten(), self.update_config.micro_batch_size
         batches = fisher_batches = response_rows(rollout, rows, advantages, micro_batch_size)
-        if self.fisher_sample_size is not None and rows.numel() > self.fisher_sample_size:  # a random subset estimates F
-            fisher_batches = response_rows(rollout, self.minibatches(rows, self.fisher_sample_size)[0], advantages, micro_batch_size)
+        if self.fisher_sample_size is not None and rows.numel() > self.fisher_sample_size:  # a random subset for F
+            sample = self.minibatches(rows, self.fisher_sample_size)[0]
+            fisher_batches = response_rows(rollout, sample, advantages, micro_batch_size)
         num_tokens = sum(len(batch) for batch in batches)
         parameters = self.trainable_parameters()
         theta_old = [parameter.detach().clone() for parameter in parameters]
-        surrogate_old, gradient = (all_reduce_mean_(x) for x in self.surrogate_gradient(batches, parameters, num_tokens))
+        surrogate_old, gradient = map(all_reduce_mean_, self.surrogate_gradient(batches, parameters, num_tokens))
 
         def fisher_vector_product(vector: Tensor) -> Tensor:  # (F + lambda I) v, the same on every rank
             return all_reduce_mean_(self.kl_hessian_vector_product(fisher_batches, parameters, vector)) + self.damping * vector
 
         solve = conjugate_gradient(fisher_vector_product, gradient, self.cg_iterations, self.cg_tolerance)
-        search, full_step = LineSearchResult(False, 0.0, 0, 0.0, 0.0), None
+        search, step = LineSearchResult(False, 0.0, 0, 0.0, 0.0), None
         if bool(gradient.any()):  # else no rank has a valid response with a nonzero advantage: no step
-            full_step = trust_region_step(solve.solution, solve.solution @ fisher_vector_product(solve.solution), self.max_kl)
-            moving = {id(parameter): old for parameter, old in zip(parameters, theta_old)}  # pi_old's head: its moving weights at theta_old
-            old_head = {name: moving[id(p)] for name, p in self.policy.get_output_embeddings().named_parameters() if id(p) in moving}
+            step = trust_region_step(solve.solution, solve.solution @ fisher_vector_product(solve.solution), self.max_kl)
+            old_head = head_weights(self.policy, parameters, theta_old)
 
             def evaluate(fraction: float) -> tuple[float, float]:
-                assign_(parameters, theta_old, full_step, fraction)
+                assign_(parameters, theta_old, step, fraction)
                 kl, surrogate = all_reduce_mean_(self.kl_and_surrogate(batches, old_head, num_tokens)).tolist()
                 return kl, surrogate - float(surrogate_old)
 
             search = backtracking_line_search(evaluate, self.max_kl, self.line_search_factor, self.line_search_tries)
-        # theta_old + alpha Delta as an SGD step (theta_old, bit for bit, when rejected), which Lightning counts
+        # theta_old + alpha Delta as one SGD step (theta_old when rejected), which Lightning counts in global_step
         assign_(parameters, theta_old)
-        step_gradients(parameters, full_step if search.accepted else None, search.fraction)
+        step_gradients(parameters, step if search.accepted else None, search.fraction)
         optimizer = self.optimizers()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -208,7 +208,7 @@ class TRPOModule(OnPolicyModule):
         self.log_metrics({
             "cg_residual": solve.residual, "cg_iterations": float(solve.iterations), "kl_after_step": search.kl,
             "surrogate_improvement": search.improvement, "line_search_tries": float(search.tries),
-            "expected_improvement": search.fraction * float(gradient @ full_step) if search.accepted else 0.0,
+            "expected_improvement": search.fraction * float(gradient @ step) if search.accepted else 0.0,
             "accepted": float(self.accepted_updates) / self.global_step,
-            "advantage_abs_mean": float(advantages[rollout.valid].abs().mean()) if rows.numel() else 0.0,
+            "advantage_abs_mean": float(advantages[valid].abs().mean()) if rows.numel() else 0.0,
         })

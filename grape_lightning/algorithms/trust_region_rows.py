@@ -8,14 +8,16 @@ chunk of rows at a time so that no [tokens, vocab] block is held for the backwar
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from grape_lightning.models.logprobs import positions_from_mask
+from grape_lightning.models.logprobs import final_logit_softcap, log_distribution, positions_from_mask
 from grape_lightning.rollout.batch import Rollout
 
 
@@ -59,6 +61,24 @@ def hidden_rows(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, Te
     )
     scored = inputs["response_mask"][:, 1:].bool()
     return outputs.last_hidden_state[:, :-1][scored], inputs["input_ids"][:, 1:][scored]
+
+
+def row_log_distribution(
+    model: nn.Module, hidden: Tensor, temperature: float, head_weights: dict[str, Tensor] | None = None
+) -> Tensor:
+    """log pi(. | s) [n, V] at rows of hidden states (:func:`log_distribution` with the model's LM
+    head and soft cap); ``head_weights`` replaces head parameters by name (pi_old's head)."""
+    head = model.get_output_embeddings()
+    head = head if head_weights is None else partial(functional_call, head, head_weights)
+    return log_distribution(hidden, head, temperature, final_logit_softcap(model))
+
+
+def head_weights(model: nn.Module, parameters: Sequence[Tensor], values: Sequence[Tensor]) -> dict[str, Tensor]:
+    """The LM head's parameters among ``parameters``, by name, with ``values`` in their place (a
+    snapshot at theta_old); the head's other parameters are not in it (they do not move)."""
+    value_of = {id(parameter): value for parameter, value in zip(parameters, values)}
+    named = model.get_output_embeddings().named_parameters()
+    return {name: value_of[id(parameter)] for name, parameter in named if id(parameter) in value_of}
 
 
 def chunked_sum(term: Callable[..., Tensor], *rows: Tensor, chunk_size: int) -> Tensor:
