@@ -64,10 +64,24 @@ def hessian_vector_product(scalar: Tensor, parameters: Sequence[Tensor], vector:
 def assign_(
     parameters: Sequence[Tensor], base: Sequence[Tensor], step: Tensor | None = None, fraction: float = 1.0
 ) -> None:
-    """theta <- theta_base + fraction * step, in place (``step=None``: theta <- theta_base exactly)."""
+    """theta <- theta_base + fraction * step, in place (``step=None``: theta <- theta_base exactly).
+
+    The step is rounded to each parameter's dtype before the addition, as an optimizer adds it
+    (:func:`step_gradients`), so a point the line search measured can be reached exactly by one.
+    """
     steps = unflatten(step, parameters) if step is not None else [None] * len(parameters)
     for parameter, start, piece in zip(parameters, base, steps):
-        parameter.copy_(start if piece is None else start + fraction * piece)
+        parameter.copy_(start if piece is None else start + (fraction * piece).to(start.dtype))
+
+
+def step_gradients(parameters: Sequence[Tensor], step: Tensor | None, fraction: float = 1.0) -> None:
+    """Set each parameter's ``.grad`` to -(fraction * step), its piece of the step in its dtype, so
+    that SGD with lr 1 (no momentum, no weight decay) moves theta to theta + fraction * step, bit
+    for bit as :func:`assign_` does (theta - 1 * (-d) = theta + d exactly). ``step=None`` clears
+    the gradients: that SGD step leaves every parameter as it is."""
+    steps = unflatten(step, parameters) if step is not None else [None] * len(parameters)
+    for parameter, piece in zip(parameters, steps):
+        parameter.grad = None if piece is None else -(fraction * piece).to(parameter.dtype)
 
 
 def all_reduce_mean_(tensor: Tensor) -> Tensor:

@@ -15,11 +15,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from grape_lightning.advantages import AdvantageConfig, compute_advantages
 from grape_lightning.algorithms.trpo import TRPOModule
+from grape_lightning.algorithms.trust_region_rows import hidden_rows, response_rows
+from grape_lightning.algorithms.update_loop import UpdateConfig
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.losses.trpo import categorical_kl, mean_token_kl, trpo_surrogate
 from grape_lightning.models.logprobs import positions_from_mask
-from grape_lightning.natural_gradient import backtracking_line_search, conjugate_gradient, trust_region_step
+from grape_lightning.natural_gradient import (
+    assign_, backtracking_line_search, conjugate_gradient, step_gradients, trust_region_step,
+)
 from grape_lightning.rewards import RewardFunction
 from grape_lightning.rollout import RolloutDataModule, SamplingParams
 from tests.conftest import tiny_spec
@@ -48,9 +53,14 @@ def _trainer(tmp_path, max_steps, **kwargs):
 
 def _module(**kwargs) -> TRPOModule:
     options = dict(
-        rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=4), micro_batch_size=5, logprob_chunk_size=7
+        rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=4),
+        update=UpdateConfig(micro_batch_size=5, logprob_chunk_size=7),
     )
     return TRPOModule(kwargs.pop("policy", tiny_spec()), **{**options, **kwargs})
+
+
+def _advantages(module: TRPOModule, rollout):
+    return compute_advantages(module.advantage, rollout.rewards, rollout.groups, rollout.valid).advantages
 
 
 def _rollout(module: TRPOModule, **datamodule_options):
@@ -118,6 +128,41 @@ def test_line_search_accepts_the_first_step_inside_the_region_that_improves():
     assert (rejected.kl, rejected.improvement) == (0.0, 0.0)
 
 
+def bits(tensor):
+    """The tensor's bit pattern (torch.equal takes -0.0 for 0.0)."""
+    return tensor.view({torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}[tensor.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sgd_with_the_step_as_gradient_lands_bit_for_bit_where_the_line_search_measured(dtype):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (7,), (2, 2, 2)]
+    base = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    base[0][0, :2] = torch.tensor([-0.0, 0.0])  # signed zeros must survive a rejected step
+    step = torch.randn(sum(math.prod(shape) for shape in shapes), dtype=torch.float32, generator=generator) * 1e-3
+    step[:3] = 0.0
+    parameters = [torch.nn.Parameter(tensor.clone()) for tensor in base]
+    optimizer = torch.optim.SGD(parameters, lr=1.0)
+    for fraction in (1.0, 0.5**3):
+        with torch.no_grad():
+            assign_(parameters, base, step, fraction)  # the line search's trial point
+            trial = [bits(p).clone() for p in parameters]
+            assign_(parameters, base)
+        step_gradients(parameters, step, fraction)
+        optimizer.step()
+        assert all(torch.equal(bits(p), q) for p, q in zip(parameters, trial))
+        # and that point is theta_old + alpha Delta, each piece of alpha Delta rounded to the parameter's dtype
+        pieces = (fraction * step.double()).split([math.prod(shape) for shape in shapes])
+        for p, start, piece in zip(parameters, base, pieces):
+            expected = start.double() + piece.view(start.shape).to(dtype).double()
+            torch.testing.assert_close(p.detach().double(), expected.to(dtype).double(), rtol=0, atol=0)
+    with torch.no_grad():
+        assign_(parameters, base)
+    step_gradients(parameters, None)  # a rejected search: the optimizer step leaves theta_old
+    optimizer.step()
+    assert all(torch.equal(bits(p), bits(q)) for p, q in zip(parameters, base))
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses against float64 loops
 # ----------------------------------------------------------------------------------------------
@@ -168,14 +213,14 @@ def test_response_rows_align_with_old_logprobs_and_accept_per_token_advantages()
     module = _module()
     rollout = _rollout(module)
     rows = torch.arange(len(rollout))
-    advantages = module.advantages(rollout)
-    per_sequence = module.response_rows(rollout, rows, advantages)
-    per_token = module.response_rows(rollout, rows, advantages[:, None].expand_as(rollout.response_mask).clone())
+    advantages = _advantages(module, rollout)
+    per_sequence = response_rows(rollout, rows, advantages, 5)
+    per_token = response_rows(rollout, rows, advantages[:, None].expand_as(rollout.response_mask).clone(), 5)
     assert len(per_sequence) == 4  # 16 sequences in micro-batches of 5
     for batch, same in zip(per_sequence, per_token):
         torch.testing.assert_close(batch.advantages, same.advantages, rtol=0, atol=0)
-        hidden, tokens = module.hidden_rows(batch.inputs)
-        logprobs = module.log_distribution(hidden).gather(-1, tokens[:, None]).squeeze(-1)
+        hidden, tokens = hidden_rows(module.policy, batch.inputs)
+        logprobs = module.log_pi(hidden).gather(-1, tokens[:, None]).squeeze(-1)
         torch.testing.assert_close(logprobs, batch.old_logprobs, rtol=0, atol=1e-5)  # rho = 1 at theta_old
     assert sum(len(batch) for batch in per_sequence) == int(rollout.trained_mask.sum())
 
@@ -198,7 +243,7 @@ def test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian():
         parameter.requires_grad_(name in TRAINED)
     rollout = _rollout(module, batch_size=3, group_size=2)
     rows = torch.arange(len(rollout))
-    batches = module.response_rows(rollout, rows, module.advantages(rollout))
+    batches = response_rows(rollout, rows, _advantages(module, rollout), module.update_config.micro_batch_size)
     assert len(batches) == 2  # two micro-batches, several LM-head chunks each
     parameters = module.trainable_parameters()
     named = dict(module.policy.named_parameters())
@@ -273,8 +318,13 @@ class RecordingTRPO(TRPOModule):
         accepted_before = int(self.accepted_updates)
         super().update(rollout)
         metrics = self.trainer.callback_metrics
+        accepted = int(self.accepted_updates) > accepted_before
         self.records.append({
-            "accepted": int(self.accepted_updates) > accepted_before,
+            "accepted": accepted,
+            # the SGD step lands exactly on the point the line search accepted (its last trial)
+            "step_is_last_trial": accepted and all(
+                torch.equal(bits(p), bits(q)) for p, q in zip(self.trainable_parameters(), self.last_trial)
+            ),
             "kl": exact_mean_token_kl(before, self.policy, rollout, self.sampling.logprob_temperature),
             "logged_kl": float(metrics["train/kl_after_step"]),
             "tries": float(metrics["train/line_search_tries"]),
@@ -283,6 +333,7 @@ class RecordingTRPO(TRPOModule):
     def kl_and_surrogate(self, batches, old_head, num_tokens):
         moved = any(not torch.equal(p, q) for p, q in zip(self.trainable_parameters(), self.start))
         self.records.append({"trial_moved": moved})
+        self.last_trial = [p.detach().clone() for p in self.trainable_parameters()]
         return super().kl_and_surrogate(batches, old_head, num_tokens)
 
     def on_train_start(self):
@@ -296,7 +347,7 @@ def test_every_accepted_step_keeps_the_measured_kl_within_delta_and_frozen_param
     max_kl = 0.02
     module = RecordingTRPO(
         tiny_spec(dtype="float64"), rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=4),
-        max_kl=max_kl, damping=1e-3, micro_batch_size=6,  # little damping: full steps land near or past delta
+        max_kl=max_kl, damping=1e-3, update=UpdateConfig(micro_batch_size=6),  # little damping: full steps land near or past delta
     )
     for name, parameter in module.policy.named_parameters():
         parameter.requires_grad_(not name.startswith(FROZEN))
@@ -305,11 +356,17 @@ def test_every_accepted_step_keeps_the_measured_kl_within_delta_and_frozen_param
     trainer.fit(module, _datamodule())
 
     assert trainer.global_step == 5  # one step per update
+    (optimizer,) = trainer.optimizers  # the step is applied by SGD with lr 1 on the trained parameters only
+    assert type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 1
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (1.0, 0, 0, False)
+    assert [id(p) for p in group["params"]] == [id(p) for p in module.trainable_parameters()]
     updates = [record for record in module.records if "kl" in record]
     assert len(updates) == 5 and sum(record["accepted"] for record in updates) >= 3
     assert any(record["tries"] > 1 for record in updates)  # the search had to backtrack
     for record in updates:
         if record["accepted"]:
+            assert record["step_is_last_trial"]
             assert 0 < record["kl"] <= max_kl
             assert record["logged_kl"] == pytest.approx(record["kl"], rel=1e-6)  # float32 RMSNorm inside
         else:
@@ -338,7 +395,11 @@ def test_a_rejected_line_search_restores_the_parameters_bit_for_bit(tmp_path):
 
 
 def test_invalid_options_are_refused():
-    for options in ({"max_kl": 0.0}, {"line_search_factor": 1.0}, {"line_search_tries": 0}, {"advantage": "gae"}):
+    refused = (
+        {"max_kl": 0.0}, {"line_search_factor": 1.0}, {"line_search_tries": 0}, {"advantage": {"baseline": "gae"}},
+        {"update": {"epochs": 2}}, {"update": {"mini_batch_size": 4}},
+    )
+    for options in refused:
         with pytest.raises(ValueError):
             _module(**options)
 
@@ -346,7 +407,7 @@ def test_invalid_options_are_refused():
 def test_resume_mid_run_reproduces_the_uninterrupted_run(tmp_path):
     def make():
         L.seed_everything(0)
-        return _module(advantage="leave_one_out", fisher_sample_size=8)
+        return _module(advantage=AdvantageConfig(baseline="leave_one_out", scaling="none"), fisher_sample_size=8)
 
     full = make()
     initial = [p.detach().clone() for p in full.policy.parameters()]
@@ -358,5 +419,7 @@ def test_resume_mid_run_reproduces_the_uninterrupted_run(tmp_path):
     trainer = _trainer(tmp_path / "b", 4)
     trainer.fit(resumed, _datamodule(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
     assert trainer.global_step == 4
+    saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == 1.0  # resumed with its optimizer
     for ours, reference in zip(resumed.state_dict().values(), full.state_dict().values()):
         torch.testing.assert_close(ours, reference, rtol=0, atol=0)

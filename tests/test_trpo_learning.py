@@ -29,7 +29,7 @@ def test_trpo_raises_validation_accuracy(tmp_path):
     max_kl = 0.005
     module = TRPOModule(
         policy=ModelSpec(name_or_path="grape/tiny-addition-sft"),
-        rewards=[NumericMatch()],
+        rewards=[NumericMatch()], accuracy="numeric_match",
         sampling=SamplingParams(max_new_tokens=6, temperature=1.0),
         max_kl=max_kl, damping=10.0, fisher_sample_size=32, cg_iterations=10,
     )

@@ -231,9 +231,8 @@ class OnPolicyModule(PolicyModule):
                 dtype=torch.float64, device=self.device,
             )
         totals = self.sum_across_processes(totals).tolist()
-        metrics = {"val/reward": totals[1] / max(totals[2], 1.0)}
-        if has_accuracy:
-            metrics["val/accuracy"] = totals[0] / max(totals[3], 1.0)
+        metrics = {"val/accuracy": totals[0] / max(totals[3], 1.0)} if has_accuracy else {}
+        metrics["val/reward"] = totals[1] / max(totals[2], 1.0)
         self.initial_metrics = metrics
         for logger in self.loggers:
             logger.log_metrics(metrics, step=0)

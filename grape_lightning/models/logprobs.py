@@ -8,6 +8,7 @@ backward is the hidden states, never the logits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,15 +30,37 @@ class TokenLogprobs:
     hidden: Tensor | None = None  # [batch, time, hidden]: the trunk's last hidden states (``with_hidden``)
 
 
-def _head_statistics(
-    hidden: Tensor, targets: Tensor, head: nn.Module, temperature: float, softcap: float | None
-) -> tuple[Tensor, Tensor, Tensor]:
+def head_logits(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], temperature: float = 1.0, softcap: float | None = None
+) -> Tensor:
+    """The LM head's logits at the sampling temperature, for rows h of hidden states:
+
+        z = c tanh(head(h) / c) / T        (c: the model's final-logit soft cap; none: z = head(h) / T)
+
+    in at least float32 (a bfloat16 head's logits are promoted before the soft cap and softmax).
+    ``head`` is any map from hidden states to logits: the module, or its function with other
+    weights (``functools.partial(torch.func.functional_call, head, weights)``).
+    """
     logits = head(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1.0:
         logits = logits / temperature
+    return logits
+
+
+def log_distribution(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], temperature: float = 1.0, softcap: float | None = None
+) -> Tensor:
+    """log pi(. | s) over the vocabulary, [rows, V]: log_softmax(z) of :func:`head_logits`."""
+    return torch.log_softmax(head_logits(hidden, head, temperature, softcap), dim=-1)
+
+
+def _head_statistics(
+    hidden: Tensor, targets: Tensor, head: nn.Module, temperature: float, softcap: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    logits = head_logits(hidden, head, temperature, softcap)
     log_normaliser = torch.logsumexp(logits, dim=-1)
     target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     probs = torch.softmax(logits, dim=-1)
@@ -47,7 +70,8 @@ def _head_statistics(
 
 
 class LinearHeadLogprobs(torch.autograd.Function):
-    """For rows h_i of hidden states, a linear head W and targets y_i, with z_i = W h_i / T:
+    """For rows h_i of hidden states, a linear head W and targets y_i, with z_i = W h_i / T
+    (:func:`head_logits` of :func:`weight_head`):
 
         l_i = z_i[y_i] - logsumexp(z_i)          H_i = -sum_v p_iv log p_iv,  p_i = softmax(z_i)
 
@@ -73,7 +97,7 @@ class LinearHeadLogprobs(torch.autograd.Function):
         top1 = torch.empty(rows if with_top1 else 0, dtype=torch.bool, device=hidden.device)
         for start in range(0, rows, chunk_size):
             chunk = slice(start, start + chunk_size)
-            logits = (hidden[chunk] @ weight.t()).to(dtype) / temperature
+            logits = head_logits(hidden[chunk], weight_head(weight), temperature)
             log_normaliser = torch.logsumexp(logits, dim=-1)
             target_logits = logits.gather(-1, targets[chunk, None]).squeeze(-1)
             logprobs[chunk] = target_logits - log_normaliser
@@ -94,10 +118,9 @@ class LinearHeadLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         if grad_logprobs is None and (grad_entropy is None or entropy.numel() == 0):
             return grad_hidden, grad_weight, None, None, None, None, None
-        dtype = log_normalisers.dtype
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             chunk = slice(start, start + ctx.chunk_size)
-            logits = (hidden[chunk] @ weight.t()).to(dtype) / ctx.temperature
+            logits = head_logits(hidden[chunk], weight_head(weight), ctx.temperature)
             log_probs = logits - log_normalisers[chunk, None]
             probs = log_probs.exp()
             grad_logits = torch.zeros_like(logits)
@@ -112,6 +135,11 @@ class LinearHeadLogprobs(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ hidden[chunk]
         return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def weight_head(weight: Tensor) -> Callable[[Tensor], Tensor]:
+    """h -> W h, the bias-free linear head of weight W [V, hidden]."""
+    return lambda hidden: hidden @ weight.t()
 
 
 def _plain_linear_head(head: nn.Module) -> bool:
