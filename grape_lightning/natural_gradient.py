@@ -9,9 +9,10 @@ conjugate gradient, scales s to the boundary of the quadratic trust region
 
 and backtracks along Delta theta until the measured KL and surrogate are acceptable.
 
-Under ``torch.distributed`` every rank holds its own rollout; :func:`all_reduce_mean_` averages
-gradients, Fisher-vector products and line-search measurements, so every rank computes the same
-direction, takes the same decisions and ends with the same parameters.
+Under ``torch.distributed`` every rank holds its own rollout; the caller sums each rank's share
+of the gradient, of every Fisher-vector product and of the line-search measurements over the
+ranks (each a token mean over the global batch), so every rank computes the same direction,
+takes the same decisions and ends with the same parameters.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 
@@ -82,14 +82,6 @@ def step_gradients(parameters: Sequence[Tensor], step: Tensor | None, fraction: 
     steps = unflatten(step, parameters) if step is not None else [None] * len(parameters)
     for parameter, piece in zip(parameters, steps):
         parameter.grad = None if piece is None else -(fraction * piece).to(parameter.dtype)
-
-
-def all_reduce_mean_(tensor: Tensor) -> Tensor:
-    """Average ``tensor`` over the ranks in place when ``torch.distributed`` is initialised."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= dist.get_world_size()
-    return tensor
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Algorithms with cross-process statistics under two-process CPU DDP (gloo), through the real
 ``grape`` command. Each rank samples its own prompts, yet the ranks must take the same steps and
-end with bit-identical state: TRPO averages gradients, Fisher-vector products and line-search
+end with bit-identical state: TRPO sums every rank's share of gradients, Fisher-vector products and line-search
 measurements; PPO whitens advantages, scales rewards, adapts its KL coefficient and stops an
 epoch early on statistics summed over the ranks."""
 
@@ -43,7 +43,7 @@ SETTINGS = {
     # a separate critic, mini-batches, running reward scaling, adaptive KL and an early stop that
     # triggers on some rollouts: every branch that depends on summed statistics
     "ppo": {"init_args": {
-        "value_model": "separate", "mini_batch_size": 16, "epochs": 3, "reward_scaling": "running",
+        "value_model": "separate", "update": {"mini_batch_size": 16, "epochs": 3}, "reward_scaling": "running",
         "kl_target": 0.5, "kl_horizon": 100.0, "target_kl": 0.002, "optimizer": {"lr": 1e-3},
     }},
 }

@@ -13,7 +13,7 @@ responses of unequal lengths, unscorable rewards on some rows, reward scaling by
 PPO (under DDP) adds global statistics of its own: reward scaling by the batch std, advantage
 whitening, the adaptive KL coefficient, and a value model whose state is compared too.
 
-REINFORCE, rejection sampling and GRAPE run the same comparison with the ranks holding different
+REINFORCE, rejection sampling, GRAPE and TRPO run the same comparison with the ranks holding different
 numbers of rows in the loss (13 and 12 valid rewards with micro-batches of 4; different numbers
 of kept responses; GRAPE's off-policy responses for some prompts only), where the update loop
 pads the shorter rank with zero-weighted passes so the backward all-reduces pair up.
@@ -78,7 +78,12 @@ def _setup(algorithm: str, devices: int):
 
     from grape_lightning.algorithms.ppo import PPOModule
 
-    base = {"ppo": PPOModule, "reinforce": REINFORCEModule, "rejection_sampling": RejectionSamplingModule, "grape": GRAPEModule}
+    from grape_lightning.algorithms.trpo import TRPOModule
+
+    base = {
+        "ppo": PPOModule, "reinforce": REINFORCEModule, "rejection_sampling": RejectionSamplingModule, "grape": GRAPEModule,
+        "trpo": TRPOModule,
+    }
 
     class SameGlobalRollout(base.get(algorithm, GRPOModule)):
         """Samples the step's global rollout (the same in every setup); trains on this rank's groups."""
@@ -106,6 +111,8 @@ def _setup(algorithm: str, devices: int):
         )
     elif algorithm == "reinforce":  # a global batch mean, a KL folded into the reward
         module = SameGlobalRollout(spec, rewards=rewards, advantage=AdvantageConfig("batch_mean", "batch"), kl_coef=0.1, **common)
+    elif algorithm == "trpo":  # token means over every rank's tokens: uneven token counts across ranks
+        module = SameGlobalRollout(spec, rewards=rewards, sampling=common["sampling"], max_kl=0.05, update=UpdateConfig(micro_batch_size=4))
     elif algorithm == "rejection_sampling":
         module = SameGlobalRollout(spec, rewards=rewards, keep_top_k=2, reward_threshold=1.0, **common)
     elif algorithm == "grape":  # confidence-weighted rubric, leave-one-out, off-policy responses for some prompts
@@ -172,7 +179,12 @@ class RecordLosses(L.Callback):
 
     def on_train_batch_end(self, trainer, module, *args) -> None:
         metrics = trainer.callback_metrics
-        self.losses.append(float(metrics["train/loss"] if "train/loss" in metrics else metrics["train/policy_loss"] + metrics["train/value_loss"]))
+        if "train/loss" in metrics:
+            self.losses.append(float(metrics["train/loss"]))
+        elif "train/surrogate_improvement" in metrics:  # TRPO has no loss: the gain of its step
+            self.losses.append(float(metrics["train/surrogate_improvement"]))
+        else:
+            self.losses.append(float(metrics["train/policy_loss"] + metrics["train/value_loss"]))
 
     def on_train_end(self, trainer, module) -> None:
         state = {  # full tensors also under FSDP2 (a collective: every rank gathers)
@@ -210,7 +222,8 @@ def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list
 @pytest.mark.parametrize(
     "algorithm, strategy",
     [
-        ("grpo", "ddp"), ("grape", "ddp"), ("reinforce", "ddp"), ("rejection_sampling", "ddp"), ("dpo", "ddp"), ("ppo", "ddp"),
+        ("grpo", "ddp"), ("grape", "ddp"), ("reinforce", "ddp"), ("rejection_sampling", "ddp"), ("ppo", "ddp"), ("trpo", "ddp"),
+        ("dpo", "ddp"),
         ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"),
     ],
 )
@@ -237,6 +250,7 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
         "grape": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "reinforce": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "rejection_sampling": ("train/nll", "train/kept_fraction", "train/kept_reward"),
+        "trpo": ("train/kl_after_step", "train/surrogate_improvement", "train/cg_residual", "train/advantage_abs_mean"),
         "ppo": ("train/kl", "train/kl_coef", "train/reward_scale", "train/advantage_std", "train/value_loss"),
     }
     for name in checked.get(algorithm, ()):

@@ -61,7 +61,7 @@ def _command(run: Path, pace: float) -> list[str]:
                 {"class_path": "tests.test_fault_tolerance.Record", "init_args": {"directory": str(run / "record")}},
             ],
         },
-        "model": {"init_args": {"beta": 0.04}},  # a KL term, so the reference takes part
+        "model": {"init_args": {"loss": {"beta": 0.04}}},  # a KL term, so the reference takes part
         "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 8}}, "batch_size": 4, "group_size": 4}},
     }
     run.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from grape_lightning.algorithms.trust_region_rows import response_rows, row_log_
 from grape_lightning.algorithms.update_loop import UpdateConfig
 from grape_lightning.losses.trpo import mean_token_kl, trpo_surrogate
 from grape_lightning.models.spec import ModelSpec
-from grape_lightning.natural_gradient import LineSearchResult, all_reduce_mean_, assign_, backtracking_line_search
+from grape_lightning.natural_gradient import LineSearchResult, assign_, backtracking_line_search
 from grape_lightning.natural_gradient import conjugate_gradient, flat_dtype, flat_grad, hessian_vector_product
 from grape_lightning.natural_gradient import step_gradients, trust_region_step
 from grape_lightning.rewards.base import RewardFunction
@@ -42,8 +42,8 @@ class TRPOModule(OnPolicyModule):
     F v is a Hessian-vector product by double backward (attention on its math kernel, the one with
     a second derivative) over ``fisher_sample_size`` sequences drawn afresh each update; the line
     search measures KL exactly from the trunk's states at theta_old and pi_old's LM-head weights.
-    Only parameters with ``requires_grad`` move. Under DDP, S, KL, g and every F v are averaged over
-    ranks: every rank takes the same step, one SGD step (lr 1, gradient -alpha Delta, none when
+    Only parameters with ``requires_grad`` move. Under DDP, S, KL, g and every F v are token means over
+    every rank's tokens (each rank's sum over its own, added up): every rank takes the same step, one SGD step (lr 1, gradient -alpha Delta, none when
     rejected), so ``global_step`` and ``max_steps`` count updates. Logged under ``train/``:
     ``kl_after_step``, ``surrogate_improvement`` and ``expected_improvement`` (g . alpha Delta) of
     the step (0 when rejected), ``cg_residual``, ``cg_iterations``, ``line_search_tries`` and
@@ -120,7 +120,7 @@ class TRPOModule(OnPolicyModule):
         return chunked_sum(term, *rows, chunk_size=self.update_config.logprob_chunk_size)
 
     # -- the quantities of the step: S and g, F v, KL ----------------------------------------------
-    def surrogate_gradient(self, batches: list[ResponseRows], parameters: list[Tensor], num_tokens: int):
+    def surrogate_gradient(self, batches: list[ResponseRows], parameters: list[Tensor], num_tokens: float):
         """(S(theta_old), g) on this rank; keeps each batch's hidden states at theta_old."""
         surrogate = torch.zeros((), dtype=torch.float64, device=self.device)
         gradient = torch.zeros(sum(p.numel() for p in parameters), dtype=flat_dtype(parameters), device=self.device)
@@ -138,9 +138,8 @@ class TRPOModule(OnPolicyModule):
             surrogate += value.detach()
         return surrogate, gradient
 
-    def kl_hessian_vector_product(self, batches: list[ResponseRows], parameters: list[Tensor], vector: Tensor):
+    def kl_hessian_vector_product(self, batches: list[ResponseRows], parameters: list[Tensor], vector: Tensor, num_tokens: float):
         """F v on this rank: the Hessian of KL(pi_old || pi_theta) at theta_old times v (pi_old: pi_theta detached)."""
-        num_tokens = sum(len(batch) for batch in batches)
         product = torch.zeros_like(vector)
 
         def term(hidden: Tensor) -> Tensor:
@@ -154,7 +153,7 @@ class TRPOModule(OnPolicyModule):
         return product
 
     @torch.no_grad()
-    def kl_and_surrogate(self, batches: list[ResponseRows], old_head: dict[str, Tensor], num_tokens: int) -> Tensor:
+    def kl_and_surrogate(self, batches: list[ResponseRows], old_head: dict[str, Tensor], num_tokens: float) -> Tensor:
         """[KL(pi_old || pi_theta), S(theta)] on this rank at the current parameters."""
 
         def term(hidden: Tensor, old_hidden: Tensor, tokens: Tensor, old_logprobs: Tensor, advantages: Tensor):
@@ -178,13 +177,15 @@ class TRPOModule(OnPolicyModule):
         if self.fisher_sample_size is not None and rows.numel() > self.fisher_sample_size:  # a random subset for F
             sample = self.minibatches(rows, self.fisher_sample_size)[0]
             fisher_batches = response_rows(rollout, sample, advantages, micro_batch_size)
-        num_tokens = sum(len(batch) for batch in batches)
+        # token means over the global batch: every rank's sums, divided by every rank's token count
+        counts = torch.tensor([sum(map(len, batches)), sum(map(len, fisher_batches))], dtype=torch.float64, device=self.device)
+        num_tokens, fisher_tokens = sum_across(counts).tolist()
         parameters = self.trainable_parameters()
         theta_old = [parameter.detach().clone() for parameter in parameters]
-        surrogate_old, gradient = map(all_reduce_mean_, self.surrogate_gradient(batches, parameters, num_tokens))
+        surrogate_old, gradient = map(sum_across, self.surrogate_gradient(batches, parameters, num_tokens))
 
         def fisher_vector_product(vector: Tensor) -> Tensor:  # (F + lambda I) v, the same on every rank
-            return all_reduce_mean_(self.kl_hessian_vector_product(fisher_batches, parameters, vector)) + self.damping * vector
+            return sum_across(self.kl_hessian_vector_product(fisher_batches, parameters, vector, fisher_tokens)) + self.damping * vector
 
         solve = conjugate_gradient(fisher_vector_product, gradient, self.cg_iterations, self.cg_tolerance)
         search, step = LineSearchResult(False, 0.0, 0, 0.0, 0.0), None
@@ -194,7 +195,7 @@ class TRPOModule(OnPolicyModule):
 
             def evaluate(fraction: float) -> tuple[float, float]:
                 assign_(parameters, theta_old, step, fraction)
-                kl, surrogate = all_reduce_mean_(self.kl_and_surrogate(batches, old_head, num_tokens)).tolist()
+                kl, surrogate = sum_across(self.kl_and_surrogate(batches, old_head, num_tokens)).tolist()
                 return kl, surrogate - float(surrogate_old)
 
             search = backtracking_line_search(evaluate, self.max_kl, self.line_search_factor, self.line_search_tries)
@@ -205,10 +206,11 @@ class TRPOModule(OnPolicyModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.accepted_updates += int(search.accepted)
+        advantage_abs, valid_count = sum_across(torch.stack([advantages[valid].abs().sum(), valid.sum()]).double()).tolist()
         self.log_metrics({
             "cg_residual": solve.residual, "cg_iterations": float(solve.iterations), "kl_after_step": search.kl,
             "surrogate_improvement": search.improvement, "line_search_tries": float(search.tries),
             "expected_improvement": search.fraction * float(gradient @ step) if search.accepted else 0.0,
             "accepted": float(self.accepted_updates) / self.global_step,
-            "advantage_abs_mean": float(advantages[valid].abs().mean()) if rows.numel() else 0.0,
+            "advantage_abs_mean": advantage_abs / max(valid_count, 1.0),
         })
