@@ -18,8 +18,8 @@ from grape_lightning.data.char_tokenizer import build_char_tokenizer
 from grape_lightning.evaluation import greedy_reward_score
 from grape_lightning.models.loading import load_tokenizer
 from grape_lightning.rewards import ExactMatch
-from tests.test_cli import ROOT, grape
-from tests.test_tokenizer_round_trip import assert_same_tokenizer
+from tests.cli.test_cli import ROOT, grape
+from tests.models.test_tokenizer_round_trip import assert_same_tokenizer
 
 MAX_NEW_TOKENS = 4
 

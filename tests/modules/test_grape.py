@@ -38,7 +38,7 @@ FLAKY = """\
 default_category: math
 categories:
   math:
-    - {name: flaky, weight: 1.0, kind: verifiable, check: python, function: "tests.test_grape:flaky_verifier"}
+    - {name: flaky, weight: 1.0, kind: verifiable, check: python, function: "tests.modules.test_grape:flaky_verifier"}
 """
 
 
@@ -190,7 +190,7 @@ def test_unscored_responses_leave_the_update_as_in_grpo(tmp_path, baseline, scal
     if baseline == "mean":
         L.seed_everything(0)
         grpo = GRPOModule(
-            tiny_spec(dtype="float64"), rewards=[PythonCallable("tests.test_grape:flaky_verifier")], advantage=AdvantageConfig("mean", scaling), **options
+            tiny_spec(dtype="float64"), rewards=[PythonCallable("tests.modules.test_grape:flaky_verifier")], advantage=AdvantageConfig("mean", scaling), **options
         )
         theirs = grpo.collect_rollout(batch)
         assert torch.equal(theirs.input_ids, rollout.input_ids) and torch.equal(theirs.valid, rollout.valid)
@@ -207,7 +207,7 @@ def test_unscored_responses_leave_the_update_as_in_grpo(tmp_path, baseline, scal
 
 @pytest.mark.parametrize("algorithm", ["grpo", "grape"])
 def test_k1_kl_in_the_loss_is_refused(tmp_path, algorithm):
-    """k1's loss term has zero expected gradient (tests/test_rl_losses.py); with beta = 0 the KL
+    """k1's loss term has zero expected gradient (tests/losses/test_rl_losses.py); with beta = 0 the KL
     is not in the loss and any estimator is accepted."""
     def make(**options):
         if algorithm == "grpo":
@@ -297,7 +297,7 @@ def test_off_policy_rows_have_no_sampler_logprobs_and_stay_out_of_the_kl_metric(
 
 def test_per_item_metrics_and_sample_details(tmp_path):
     module = GRAPEModule(
-        tiny_spec(), rubric=_write(tmp_path, MIXED), critics={"digits": CallableCritic("tests.test_grape:digits")},
+        tiny_spec(), rubric=_write(tmp_path, MIXED), critics={"digits": CallableCritic("tests.modules.test_grape:digits")},
         sampling=SamplingParams(max_new_tokens=4), loss=SurrogateConfig(beta=0.0),
     )
     trainer = _trainer(tmp_path, 2)
@@ -318,7 +318,7 @@ def test_grape_raises_verifier_accuracy(tmp_path, rubric):
     module = GRAPEModule(
         ModelSpec(name_or_path="grape/tiny-addition-sft"),
         rubric=_write(tmp_path, ONE_ITEM if rubric == "one_item" else MIXED),
-        critics={"digits": CallableCritic("tests.test_grape:digits")},
+        critics={"digits": CallableCritic("tests.modules.test_grape:digits")},
         sampling=SamplingParams(max_new_tokens=6), optimizer=OptimizerConfig(lr=2e-4),
         advantage=AdvantageConfig("mean", "group"), loss=SurrogateConfig(beta=0.0), accuracy="math/correct",
     )

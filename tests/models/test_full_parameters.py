@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _worker(rank: int, port: int, out: str, tied: bool) -> None:
@@ -71,7 +71,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
 def test_ranks_decode_different_lengths_under_fsdp2_without_hanging(tmp_path, tied):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "tests.test_full_parameters", str(_free_port()), str(tmp_path), str(int(tied))]
+    command = [sys.executable, "-m", "tests.models.test_full_parameters", str(_free_port()), str(tmp_path), str(int(tied))]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)  # a hang fails here
     assert result.returncode == 0, result.stderr[-5000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]

@@ -9,7 +9,7 @@ import pytest
 
 from grape_lightning.algorithms.ppo import PPOModule
 from grape_lightning.rewards import NumericMatch, RewardModelScore
-from tests.test_rl_learning import train_from_sft_model
+from tests.learning.test_rl_learning import train_from_sft_model
 
 SETTINGS = {
     # the verifier's reward; a value head on the policy trunk; 2 epochs (optimizer steps) per batch

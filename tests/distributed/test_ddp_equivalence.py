@@ -18,7 +18,7 @@ numbers of rows in the loss (13 and 12 valid rewards with micro-batches of 4; di
 of kept responses; GRAPE's off-policy responses for some prompts only), where the update loop
 pads the shorter rank with zero-weighted passes so the backward all-reduces pair up.
 
-Run by the tests as ``python -m tests.test_ddp_equivalence <algorithm> <devices> <out_dir> <ddp|fsdp2>``.
+Run by the tests as ``python -m tests.distributed.test_ddp_equivalence <algorithm> <devices> <out_dir> <ddp|fsdp2>``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import lightning as L
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_PROMPTS = 8  # per GRPO step: 4 per rank with two ranks
 GROUP_SIZE = 4
 STEPS = 3
@@ -137,7 +137,7 @@ GRAPE_RUBRIC = """\
 default_category: math
 categories:
   math:
-    - {name: parity, weight: 1.0, kind: verifiable, check: python, function: "tests.test_ddp_equivalence:parity_with_gaps"}
+    - {name: parity, weight: 1.0, kind: verifiable, check: python, function: "tests.distributed.test_ddp_equivalence:parity_with_gaps"}
 """
 
 
@@ -213,7 +213,7 @@ def main(algorithm: str, devices: int, out: str, strategy: str) -> None:
 def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list[dict]:
     out.mkdir(parents=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "tests.test_ddp_equivalence", algorithm, str(devices), str(out), strategy]
+    command = [sys.executable, "-m", "tests.distributed.test_ddp_equivalence", algorithm, str(devices), str(out), strategy]
     result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return [torch.load(out / f"rank{rank}.pt") for rank in range(devices)]

@@ -18,7 +18,7 @@ import yaml
 
 from grape_lightning.checkpointing import AtomicCheckpointIO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 9
 
 
@@ -57,8 +57,8 @@ def _command(run: Path, pace: float) -> list[str]:
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
                     "dirpath": str(run / "checkpoints"), "every_n_train_steps": 3, "save_last": True, "save_top_k": -1,
                 }},
-                {"class_path": "tests.test_fault_tolerance.Pace", "init_args": {"seconds": pace}},
-                {"class_path": "tests.test_fault_tolerance.Record", "init_args": {"directory": str(run / "record")}},
+                {"class_path": "tests.cli.test_fault_tolerance.Pace", "init_args": {"seconds": pace}},
+                {"class_path": "tests.cli.test_fault_tolerance.Record", "init_args": {"directory": str(run / "record")}},
             ],
         },
         "model": {"init_args": {"loss": {"beta": 0.04}}},  # a KL term, so the reference takes part
@@ -279,7 +279,7 @@ def _resize_command(run: Path, devices: int, batch_size: int, max_steps: int, st
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
                     "dirpath": str(run / "checkpoints"), "every_n_train_steps": 2, "save_last": True,
                 }},
-                {"class_path": "tests.test_fault_tolerance.RecordPrompts", "init_args": {"directory": str(run / "record")}},
+                {"class_path": "tests.cli.test_fault_tolerance.RecordPrompts", "init_args": {"directory": str(run / "record")}},
             ],
         },
         "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 4}}, "batch_size": batch_size, "group_size": 2}},

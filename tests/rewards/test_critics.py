@@ -200,6 +200,6 @@ def length_judge(request):
 
 
 def test_callable_critic_and_failures():
-    critic = CallableCritic("tests.test_critics:length_judge")
+    critic = CallableCritic("tests.rewards.test_critics:length_judge")
     out = critic.judge([JudgeRequest("p", "12", "i", "q"), JudgeRequest("p", "1234", "i", "q"), JudgeRequest("p", "boom", "i", "q")])
     assert out[0] == Judgement(1.0, 0.9, "short") and out[1] == Judgement(0.0, 0.9, "long") and out[2] is None

@@ -30,8 +30,8 @@ from grape_lightning.models.scores import last_token_scores
 from grape_lightning.rewards import RewardFunction
 from grape_lightning.rollout import SamplingParams
 from tests.conftest import tiny_spec
-from tests.test_rl_losses import loop_aggregate
-from tests.test_rl_modules import LengthParity, _datamodule, _trainer
+from tests.losses.test_rl_losses import loop_aggregate
+from tests.modules.test_rl_modules import LengthParity, _datamodule, _trainer
 
 F64 = torch.float64
 TOL = dict(rtol=0.0, atol=1e-12)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class SaveRankWeights(L.Callback):
@@ -58,7 +58,7 @@ def test_two_ddp_ranks_end_with_identical_state(algorithm, tmp_path):
             "val_check_interval": 3,
             "logger": False,
             "callbacks": [
-                {"class_path": "tests.test_ddp.SaveRankWeights", "init_args": {"directory": str(tmp_path / "weights")}},
+                {"class_path": "tests.distributed.test_ddp.SaveRankWeights", "init_args": {"directory": str(tmp_path / "weights")}},
             ],
         },
         "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 16}}, "batch_size": 4}},

@@ -69,7 +69,7 @@ from pathlib import Path  # noqa: E402
 import yaml  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
@@ -98,8 +98,8 @@ def test_killed_run_continues_in_its_own_log_directory_and_a_chosen_run_resumes_
             "max_steps": 6, "val_check_interval": 1000, "log_every_n_steps": 1, "enable_progress_bar": False,
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"every_n_train_steps": 2, "save_last": True}},
-                {"class_path": "tests.test_fault_tolerance.Pace", "init_args": {"seconds": 0.5}},
-                {"class_path": "tests.test_fault_tolerance.Record", "init_args": {"directory": "record"}},
+                {"class_path": "tests.cli.test_fault_tolerance.Pace", "init_args": {"seconds": 0.5}},
+                {"class_path": "tests.cli.test_fault_tolerance.Record", "init_args": {"directory": "record"}},
             ],
         },
         "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 4}}, "batch_size": 4, "group_size": 2}},

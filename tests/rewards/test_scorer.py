@@ -41,7 +41,7 @@ default_category: math
 categories:
   math:
     - {name: correct, weight: 1.0, kind: verifiable, check: numeric_match}
-    - {name: short, weight: 0.5, kind: verifiable, check: python, function: "tests.test_scorer:short_unless_four"}
+    - {name: short, weight: 0.5, kind: verifiable, check: python, function: "tests.rewards.test_scorer:short_unless_four"}
 """
 
 
