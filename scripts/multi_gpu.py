@@ -77,7 +77,9 @@ def build(algorithm: str, tiny: bool, workdir: Path, micro_batch_size: int = 64)
         "rejection_sampling": lambda: A.RejectionSamplingModule(spec, **on_policy),
         "reinforce": lambda: A.REINFORCEModule(spec, **on_policy),
         "grpo": lambda: A.GRPOModule(spec, beta=0.04, **on_policy),
-        "ppo": lambda: A.PPOModule(spec, epochs=1, **on_policy),
+        "ppo": lambda: A.PPOModule(
+            spec, rewards=on_policy["rewards"], sampling=sampling, update=A.UpdateConfig(epochs=1, micro_batch_size=micro_batch_size)
+        ),
         "trpo": lambda: A.TRPOModule(spec, rewards=[NumericMatch()], sampling=sampling, micro_batch_size=micro_batch_size),
     }
     if algorithm == "grape":

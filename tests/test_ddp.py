@@ -43,7 +43,7 @@ SETTINGS = {
     # a separate critic, mini-batches, running reward scaling, adaptive KL and an early stop that
     # triggers on some rollouts: every branch that depends on summed statistics
     "ppo": {"init_args": {
-        "value_model": "separate", "mini_batch_size": 16, "epochs": 3, "reward_scaling": "running",
+        "value_model": "separate", "update": {"mini_batch_size": 16, "epochs": 3}, "reward_scaling": "running",
         "kl_target": 0.5, "kl_horizon": 100.0, "target_kl": 0.002, "optimizer": {"lr": 1e-3},
     }},
 }
@@ -84,5 +84,5 @@ def test_two_ddp_ranks_end_with_identical_state(algorithm, tmp_path):
     if algorithm == "ppo":
         changed = [name for name in start[0]["state"] if not torch.equal(start[0]["state"][name], end[0]["state"][name])]
         assert any(name.startswith("value_model.") for name in changed)
-        assert {"kl_coef", "reward_moments"} <= set(changed)
+        assert {"kl_coef", "reward_scale.moments"} <= set(changed)
         assert end[0]["rollouts"] == end[1]["rollouts"] > 1  # the early stop cut the first rollout's 6 steps short

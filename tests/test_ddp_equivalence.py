@@ -67,6 +67,7 @@ def _setup(algorithm: str, devices: int):
             return [None if i % 5 == 0 else float(len(r) % 2) for i, r in enumerate(responses)]
 
     from grape_lightning.algorithms.ppo import PPOModule
+    from grape_lightning.algorithms.update_loop import UpdateConfig
 
     class SameGlobalRollout(PPOModule if algorithm == "ppo" else GRPOModule):
         """Samples the step's global rollout (the same in every setup); trains on this rank's groups."""
@@ -90,7 +91,7 @@ def _setup(algorithm: str, devices: int):
         module = SameGlobalRollout(
             spec, rewards=[LengthParityWithGaps()], sampling=SamplingParams(max_new_tokens=6), optimizer=optimizer,
             value_model="separate", kl_coef=0.1, kl_target=0.5, reward_scaling="batch", aggregation="token",
-            epochs=1, micro_batch_size=4, max_grad_norm=0.5,
+            update=UpdateConfig(epochs=1, micro_batch_size=4, max_grad_norm=0.5),
         )
     else:
         module = SameGlobalRollout(
