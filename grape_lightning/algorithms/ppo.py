@@ -62,7 +62,7 @@ class PPOModule(OnPolicyModule):
         optimizer: AdamW and learning-rate schedule (of policy and value model together).
         value_model: ``head`` (a scalar head on the policy's trunk) or ``separate`` (its own trunk).
         value_init: initial weights of a ``separate`` value model (a reward model, say; None: the policy's).
-        advantage: GAE's gamma and lambda, and ``whiten`` or ``none`` (baseline ``value``).
+        advantage: baseline ``value`` (GAE, its gamma and lambda); scaling ``whiten`` (default, eps 1e-8) or ``none``.
         reward_scaling: divide rewards by their std: ``none``, ``batch`` or ``running``.
         kl_coef: beta, the initial coefficient of the per-token KL penalty in the reward.
         kl_target: adapt beta towards this KL per sequence (None: fixed beta).
