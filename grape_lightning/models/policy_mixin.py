@@ -1,4 +1,4 @@
-"""The model half every algorithm shares: policy, frozen reference, optional value model."""
+"""The model half every algorithm shares: policy, frozen reference (and the slot of a value model)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +21,6 @@ from grape_lightning.models.spec import ModelSpec
 from grape_lightning.models.tokenizer_check import save_tokenizer
 from grape_lightning.models.value import ValueModel
 
-ValueKind = Literal["none", "head", "separate"]
-
 REFERENCE_PREFIX = "reference."
 
 
@@ -35,8 +33,9 @@ class PolicyModelsMixin:
       With LoRA (``policy.lora``) only adapters train and the reference is the policy with its
       adapters switched off (:class:`AdaptersOff`, no second copy). Either way, reference
       log-probs go through :meth:`reference_model` (or :meth:`with_reference`).
-    - ``self.value_model``: None, a :class:`ValueModel` head on the policy trunk (``"head"``), or a
-      separate trunk initialised from ``value_spec`` or from the policy (``"separate"``).
+    - ``self.value_model``: None here; an actor-critic algorithm sets it to its :class:`ValueModel`
+      (built by :func:`~grape_lightning.algorithms.value_function.build_value_model`, the one way
+      to build one), which sharding and the optimizer then take up with the policy.
     """
 
     policy: PreTrainedModel
@@ -49,8 +48,6 @@ class PolicyModelsMixin:
         policy: ModelSpec,
         *,
         reference: bool = False,
-        value: ValueKind = "none",
-        value_spec: ModelSpec | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         assert isinstance(self, nn.Module), "PolicyModelsMixin goes on a LightningModule"
@@ -74,17 +71,7 @@ class PolicyModelsMixin:
             self.reference.eval()
             self._register_reference_state_hooks()
 
-        self.value_model = None
-        hidden_size = self.policy.config.get_text_config().hidden_size
-        if value == "head":
-            self.value_model = ValueModel(self.policy.base_model, hidden_size)
-        elif value == "separate":
-            if value_spec is not None and value_spec.lora is not None:
-                raise ValueError("LoRA applies to the policy; a separate value model trains in full")
-            source = load_causal_lm(value_spec, self.tokenizer) if value_spec is not None else copy.deepcopy(self.policy)
-            self.value_model = ValueModel(source.base_model, hidden_size)
-        elif value != "none":
-            raise ValueError(f"value must be 'none', 'head' or 'separate', got {value!r}")
+        self.value_model = None  # an actor-critic algorithm sets it (see the class docstring)
 
     # -- the reference stays out of checkpoints -------------------------------------------------
     def _register_reference_state_hooks(self) -> None:

@@ -84,5 +84,5 @@ def test_two_ddp_ranks_end_with_identical_state(algorithm, tmp_path):
     if algorithm == "ppo":
         changed = [name for name in start[0]["state"] if not torch.equal(start[0]["state"][name], end[0]["state"][name])]
         assert any(name.startswith("value_model.") for name in changed)
-        assert {"kl_coef", "reward_moments"} <= set(changed)
+        assert {"kl_coef", "reward_scale.moments"} <= set(changed)
         assert end[0]["rollouts"] == end[1]["rollouts"] > 1  # the early stop cut the first rollout's 6 steps short

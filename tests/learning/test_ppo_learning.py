@@ -7,15 +7,18 @@ correctly under greedy decoding. Each run samples 100 rollout batches of 16 prom
 
 import pytest
 
+from grape_lightning.advantages import AdvantageConfig
 from grape_lightning.algorithms.ppo import PPOModule
+from grape_lightning.algorithms.update_loop import UpdateConfig
 from grape_lightning.rewards import NumericMatch, RewardModelScore
 from tests.learning.test_rl_learning import train_from_sft_model
 
+GAE = AdvantageConfig(baseline="value", scaling="whiten", eps=1e-8, gamma=1.0, lam=0.95)  # as configs/ppo*.yaml
 SETTINGS = {
     # the verifier's reward; a value head on the policy trunk; 2 epochs (optimizer steps) per batch
     "verifier": (
         [NumericMatch()],
-        {"value_model": "head", "kl_coef": 0.05, "epochs": 2},
+        {"accuracy": "numeric_match", "value_model": "head", "kl_coef": 0.05, "advantage": GAE, "update": UpdateConfig(epochs=2)},
         200,
     ),
     # the reward model alone (NumericMatch of weight 0 only measures); a separate critic; scores
@@ -23,7 +26,7 @@ SETTINGS = {
     # not chase the reward model's mistakes
     "reward_model": (
         [NumericMatch(weight=0.0), RewardModelScore("grape/tiny-addition-rm", device="cpu")],
-        {"value_model": "separate", "kl_coef": 0.2, "epochs": 1, "reward_scaling": "batch"},
+        {"accuracy": "numeric_match", "value_model": "separate", "kl_coef": 0.2, "advantage": GAE, "update": UpdateConfig(epochs=1), "reward_scaling": "batch"},
         100,
     ),
 }

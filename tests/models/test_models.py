@@ -1,9 +1,10 @@
-"""Model mixin: loading paths, frozen reference kept out of checkpoints, value models."""
+"""Model mixin: loading paths, frozen reference kept out of checkpoints, value models on its policy."""
 
 import lightning as L
 import pytest
 import torch
 
+from grape_lightning.algorithms.value_function import build_value_model
 from grape_lightning.models import ModelSpec, PolicyModelsMixin, load_causal_lm, load_tokenizer
 from tests.conftest import TINY_CONFIG, tiny_spec
 
@@ -73,7 +74,9 @@ def test_reference_logprobs_carry_no_graph():
 
 @pytest.mark.parametrize("kind", ["head", "separate"])
 def test_value_models(kind):
-    holder = Holder(tiny_spec(), value=kind)
+    holder = Holder(tiny_spec())
+    assert holder.value_model is None
+    holder.value_model = build_value_model(holder.policy, holder.tokenizer, kind)
     ids = torch.randint(4, 90, (3, 8))
     values = holder.value_model(ids, torch.ones_like(ids))
     assert values.shape == (3, 8)

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from grape_lightning.advantages import (
+    AdvantageConfig,
     explained_variance,
     gae,
     masked_moments,
@@ -24,6 +25,9 @@ from grape_lightning.advantages import (
 )
 from grape_lightning.algorithms import OptimizerConfig, RewardModelModule
 from grape_lightning.algorithms.ppo import PPOModule
+from grape_lightning.algorithms.reward_scaling import RewardScale
+from grape_lightning.algorithms.update_loop import UpdateConfig
+from grape_lightning.algorithms.value_function import rollout_values, token_values
 from grape_lightning.losses.ppo import adaptive_kl_coef, clipped_value_loss, ppo_loss
 from grape_lightning.models import ModelSpec
 from grape_lightning.models.scores import last_token_scores
@@ -166,9 +170,10 @@ def test_gae_with_lambda_zero_is_the_one_step_td_error():
 
 
 def loop_whiten(values, mask):
+    """(v - mean) / std over the masked entries, std the unbiased one (n - 1)."""
     selected = [v for row, mrow in zip(values, mask) for v, m in zip(row, mrow) if m]
     mean = math.fsum(selected) / len(selected)
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in selected) / len(selected))
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in selected) / (len(selected) - 1))
     return [[(v - mean) / std if m else 0.0 for v, m in zip(row, mrow)] for row, mrow in zip(values, mask)]
 
 
@@ -252,7 +257,7 @@ def test_running_reward_moments_equal_the_statistics_of_the_whole_stream(seed):
             mean = math.fsum(seen) / len(seen)
             m2 = math.fsum((v - mean) ** 2 for v in seen)
             torch.testing.assert_close(moments[0], t([len(seen), mean, m2]), rtol=1e-12, atol=1e-9)
-            expected_std = math.sqrt(m2 / len(seen)) if len(seen) > 1 and m2 > 0 else 1.0
+            expected_std = math.sqrt(m2 / (len(seen) - 1)) if len(seen) > 1 and m2 > 0 else 1.0
             assert moments_std(moments[0]) == pytest.approx(expected_std, rel=1e-12)
     # merging is symmetric and the empty stream is its identity
     a, b = masked_moments(t([1.0, 4.0]), torch.ones(2, dtype=torch.bool)), t([3.0, 2.0, 8.0])
@@ -271,9 +276,9 @@ def test_explained_variance_matches_loop(seed):
     target = [r for row, mrow in zip(returns, mask) for r, m in zip(row, mrow) if m]
     residual = [r - v for rrow, vrow, mrow in zip(returns, values, mask) for r, v, m in zip(rrow, vrow, mrow) if m]
 
-    def variance(xs):
+    def variance(xs):  # unbiased (n - 1), as every std of the library
         mean = math.fsum(xs) / len(xs)
-        return math.fsum((x - mean) ** 2 for x in xs) / len(xs)
+        return math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
 
     expected = 1.0 - variance(residual) / variance(target)
     got = explained_variance(t(with_garbage(values, mask)), t(with_garbage(returns, mask)), torch.tensor(mask).bool())
@@ -454,6 +459,77 @@ def _rollout(module):
     return module.collect_rollout(next(iter(datamodule.train_dataloader())))
 
 
+def loop_std(values):
+    """The unbiased std of a list (1 while undefined or 0, as the reward scale)."""
+    if len(values) < 2:
+        return 1.0
+    mean = math.fsum(values) / len(values)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return std if std > 0 else 1.0
+
+
+def test_reward_scale_matches_the_loop_std_of_the_batch_or_of_every_reward_seen():
+    rng = random.Random(4)
+    batch, running, seen = RewardScale("batch"), RewardScale("running"), []
+    for size in (5, 1, 7):
+        values = [rng.gauss(20.0, 6.0) for _ in range(size)]
+        valid = [i % 4 != 1 for i in range(size)]
+        rewards, mask = t([v if ok else NAN for v, ok in zip(values, valid)]), torch.tensor(valid)
+        kept = [v for v, ok in zip(values, valid) if ok]
+        seen += kept
+        assert batch(rewards, mask, lambda x: x) == pytest.approx(loop_std(kept), rel=1e-12)
+        assert running(rewards, mask, lambda x: x) == pytest.approx(loop_std(seen), rel=1e-12)
+    assert running.moments[0] == len(seen) and len(seen) > 2
+    assert RewardScale("none")(t([1e6, -1e6]), torch.ones(2, dtype=torch.bool), lambda x: x) == 1.0
+    with pytest.raises(ValueError, match="reward_scaling"):
+        RewardScale("std")
+
+
+@pytest.mark.parametrize("value_model, scaling, reward_scaling", [
+    ("separate", "whiten", "batch"), ("head", "none", "none"), ("head", "whiten", "running"),
+])
+def test_module_advantages_match_loops_over_rewards_kl_gae_and_whitening(value_model, scaling, reward_scaling):
+    """One rollout through PPOModule.update: the advantages and value targets handed to the
+    optimisation equal the float64 loops (token rewards with the KL penalty and the scaled reward,
+    GAE with the config's gamma and lambda, whitening with the unbiased std), invalid rows out."""
+    gamma, lam, beta = 0.9, 0.7, 0.3
+    module = PPOModule(
+        tiny_spec(dtype="float64"), rewards=[SometimesMissing()], sampling=SamplingParams(max_new_tokens=5),
+        value_model=value_model, kl_coef=beta, reward_scaling=reward_scaling,
+        advantage=AdvantageConfig(baseline="value", scaling=scaling, eps=0.0, gamma=gamma, lam=lam),
+    )
+    with torch.no_grad():  # pi_old away from pi_ref, so the KL penalty is not 0
+        for parameter in module.policy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    rollout = _rollout(module)
+    seen = {}
+    module.optimise = lambda rollout, advantages, old_values, returns: seen.update(advantages=advantages, old_values=old_values, returns=returns) or {}
+    module.log_metrics = lambda metrics: seen.update(metrics=metrics)
+    module.update(rollout)
+
+    mask = rollout.trained_mask.tolist()
+    valid = rollout.valid.tolist()
+    assert 0 < sum(valid) < len(valid)
+    kept = [r for r, ok in zip(rollout.rewards.tolist(), valid) if ok]
+    scale = loop_std(kept) if reward_scaling != "none" else 1.0
+    old, ref = rollout.old_logprobs.tolist(), rollout.ref_logprobs.tolist()
+    rewards = [[0.0] * len(row) for row in mask]
+    for b, mrow in enumerate(mask):
+        where = positions(mrow)
+        for s in where:
+            rewards[b][s] = -beta * (old[b][s] - ref[b][s]) + (rollout.rewards[b].item() / scale if s == where[-1] else 0.0)
+    assert max(abs(old[b][s] - ref[b][s]) for b, mrow in enumerate(mask) for s in positions(mrow)) > 1e-3
+    advantages, returns = loop_gae(rewards, seen["old_values"].tolist(), mask, gamma, lam)
+    if scaling == "whiten":
+        advantages = loop_whiten(advantages, mask)
+    torch.testing.assert_close(seen["advantages"], t(advantages), rtol=0, atol=1e-10)
+    torch.testing.assert_close(seen["returns"], t(returns), rtol=0, atol=1e-10)
+    assert seen["metrics"]["reward_scale"] == pytest.approx(scale, rel=1e-12)
+    assert scale != 1.0 or reward_scaling == "none"
+    with pytest.raises(ValueError, match="baseline must be 'value'"):
+        PPOModule(tiny_spec(), advantage=AdvantageConfig(baseline="mean", scaling="group"))
+
+
 @pytest.mark.parametrize("value_model", ["head", "separate"])
 def test_value_of_a_token_is_read_where_it_is_chosen(value_model):
     """V_t equals the value model's output at the last position of the unpadded prefix before y_t."""
@@ -463,8 +539,8 @@ def test_value_of_a_token_is_read_where_it_is_chosen(value_model):
     rows = torch.arange(len(rollout))
     inputs = rollout.model_inputs(rows)
     with torch.no_grad():
-        values = module.token_values(inputs)
-    assert torch.equal(module.rollout_values(rollout)[:, : values.shape[1]], values)
+        values = token_values(module.value_model, inputs)
+    assert torch.equal(rollout_values(module, rollout)[:, : values.shape[1]], values)
     assert torch.all(values[~inputs["response_mask"]] == 0)
     checked = 0
     for b in range(len(rollout)):
@@ -508,7 +584,7 @@ def test_value_model_options(tmp_path):
 def test_steps_invalid_rewards_and_value_training(tmp_path):
     module = PPOModule(
         tiny_spec(), rewards=[SometimesMissing()], sampling=SamplingParams(max_new_tokens=4),
-        optimizer=OptimizerConfig(lr=1e-3), value_model="separate", epochs=2, mini_batch_size=8, micro_batch_size=3,
+        optimizer=OptimizerConfig(lr=1e-3), value_model="separate", update=UpdateConfig(epochs=2, mini_batch_size=8, micro_batch_size=3),
     )
     policy_before = [p.detach().clone() for p in module.policy.parameters()]
     value_before = [p.detach().clone() for p in module.value_model.parameters()]
@@ -530,7 +606,7 @@ def test_early_stop_on_approximate_kl(tmp_path):
     """The first mini-batch sees pi_theta = pi_old (KL 0); after one large step the next one passes the target."""
     module = PPOModule(
         tiny_spec(), rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=4),
-        optimizer=OptimizerConfig(lr=3e-2), epochs=3, mini_batch_size=4, target_kl=1e-6,
+        optimizer=OptimizerConfig(lr=3e-2), update=UpdateConfig(epochs=3, mini_batch_size=4), target_kl=1e-6,
     )
     trainer = _trainer(tmp_path, 4)
     trainer.fit(module, _datamodule())
@@ -542,7 +618,7 @@ def test_adaptive_kl_coefficient_follows_the_controller_and_is_saved(tmp_path):
     """On the first rollout pi_old = pi_ref, so KL = 0 and beta shrinks by (1 - 0.2 N / horizon)."""
     module = PPOModule(
         tiny_spec(), rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=4),
-        kl_coef=0.1, kl_target=6.0, kl_horizon=32.0, epochs=1,
+        kl_coef=0.1, kl_target=6.0, kl_horizon=32.0, update=UpdateConfig(epochs=1),
     )
     assert module.reference is not None
     _trainer(tmp_path, 1).fit(module, _datamodule())
@@ -556,11 +632,11 @@ def test_reward_scaling_makes_training_independent_of_the_reward_scale(tmp_path,
         L.seed_everything(0)
         module = PPOModule(
             tiny_spec(), rewards=[ScaledParity(factor)], sampling=SamplingParams(max_new_tokens=4),
-            optimizer=OptimizerConfig(lr=1e-3), kl_coef=0.0, epochs=2, mini_batch_size=8, reward_scaling=scaling,
+            optimizer=OptimizerConfig(lr=1e-3), kl_coef=0.0, update=UpdateConfig(epochs=2, mini_batch_size=8), reward_scaling=scaling,
         )
         _trainer(tmp_path / f"{factor}-{scaling}", 8).fit(module, _datamodule())
         if scaling == "running":  # two rollouts of 16 rewards, all in the statistics
-            assert module.reward_moments[0] == 32 and module.reward_moments[2] > 0
+            assert module.reward_scale.moments[0] == 32 and module.reward_scale.moments[2] > 0
         return [p.detach() for p in module.parameters()]
 
     unit, large = train(1.0, scaling), train(1000.0, scaling)
@@ -580,7 +656,7 @@ def test_resume_mid_run_continues_with_the_same_policy_and_value_model(tmp_path,
         L.seed_everything(0)
         return PPOModule(
             tiny_spec(), rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=4),
-            optimizer=OptimizerConfig(lr=1e-3), epochs=2, mini_batch_size=8, **options,
+            optimizer=OptimizerConfig(lr=1e-3), update=UpdateConfig(epochs=2, mini_batch_size=8), **options,
         )
 
     full = make()
