@@ -36,6 +36,7 @@ from grape_lightning.rollout import SamplingParams
 from tests.conftest import tiny_spec
 from tests.losses.test_rl_losses import loop_aggregate
 from tests.modules.test_rl_modules import LengthParity, _datamodule, _trainer
+from tests.thread_processes import ThreadSum
 
 F64 = torch.float64
 TOL = dict(rtol=0.0, atol=1e-12)
@@ -175,25 +176,6 @@ def loop_whiten(values, mask):
     mean = math.fsum(selected) / len(selected)
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in selected) / (len(selected) - 1))
     return [[(v - mean) / std if m else 0.0 for v, m in zip(row, mrow)] for row, mrow in zip(values, mask)]
-
-
-class ThreadSum:
-    """An all-reduce (sum) between threads standing in for processes: each deposits its tensor,
-    all wait, every one adds them up in rank order."""
-
-    def __init__(self, world_size: int) -> None:
-        self.barrier = threading.Barrier(world_size)
-        self.slots: dict[int, torch.Tensor] = {}
-
-    def for_rank(self, rank: int):
-        def reduce(tensor: torch.Tensor) -> torch.Tensor:
-            self.slots[rank] = tensor.clone()
-            self.barrier.wait()
-            total = sum(self.slots[r] for r in sorted(self.slots))
-            self.barrier.wait()
-            return total
-
-        return reduce
 
 
 @pytest.mark.parametrize("seed", range(3))
