@@ -152,3 +152,34 @@ def backtracking_line_search(
         if kl <= max_kl and improvement > 0:
             return LineSearchResult(True, fraction, tries, kl, improvement)
     return LineSearchResult(False, 0.0, max_tries, 0.0, 0.0)
+
+
+@dataclass
+class TrustRegionConfig:
+    """The natural-gradient step inside a KL trust region (TRPO).
+
+    Args:
+        max_kl: delta, the bound on the mean token KL.
+        damping: lambda, added to F (in the units of F's eigenvalues): keeps the step out of the
+            directions where the sampled Fisher is nearly singular. configs/trpo.yaml explains its value.
+        cg_iterations: conjugate gradient stops after this many Fisher-vector products ...
+        cg_tolerance: ... or at this relative residual ||g - (F + lambda I) s|| / ||g||.
+        line_search_factor: the step fractions tried are factor^0 .. factor^(tries - 1) ...
+        line_search_tries: ... with this many tries.
+        fisher_sample_size: sequences (per rank) over which F v is averaged (None: all of the rollout's).
+    """
+
+    max_kl: float = 0.01
+    damping: float = 0.1
+    cg_iterations: int = 10
+    cg_tolerance: float = 1e-3
+    line_search_factor: float = 0.5
+    line_search_tries: int = 10
+    fisher_sample_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_kl <= 0 or self.damping < 0 or not 0 < self.line_search_factor < 1 or min(self.line_search_tries, self.cg_iterations) < 1:
+            raise ValueError(
+                "trust_region needs max_kl > 0, damping >= 0, 0 < line_search_factor < 1, line_search_tries >= 1 "
+                f"and cg_iterations >= 1, got {self}"
+            )

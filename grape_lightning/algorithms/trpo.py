@@ -18,7 +18,7 @@ from grape_lightning.losses.trpo import mean_token_kl, trpo_surrogate
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.natural_gradient import LineSearchResult, assign_, backtracking_line_search
 from grape_lightning.natural_gradient import conjugate_gradient, flat_dtype, flat_grad, hessian_vector_product
-from grape_lightning.natural_gradient import step_gradients, trust_region_step
+from grape_lightning.natural_gradient import TrustRegionConfig, step_gradients, trust_region_step
 from grape_lightning.rewards.base import RewardFunction
 from grape_lightning.rewards.scorer import RewardScorer
 from grape_lightning.rollout.batch import Rollout
@@ -40,11 +40,11 @@ class TRPOModule(OnPolicyModule):
                      KL(theta_new) <= delta and S(theta_new) > S(theta_old); theta_old (exactly) if none.
 
     F v is a Hessian-vector product by double backward (attention on its math kernel, the one with
-    a second derivative) over ``fisher_sample_size`` sequences drawn afresh each update; the line
+    a second derivative) over ``trust_region.fisher_sample_size`` sequences drawn afresh each update; the line
     search measures KL exactly from the trunk's states at theta_old and pi_old's LM-head weights.
     Only parameters with ``requires_grad`` move. Under DDP, S, KL, g and every F v are token means over
-    every rank's tokens (each rank's sum over its own, added up): every rank takes the same step, one SGD step (lr 1, gradient -alpha Delta, none when
-    rejected), so ``global_step`` and ``max_steps`` count updates. Logged under ``train/``:
+    every rank's tokens (each rank's sum over its own, added up): every rank takes the same step,
+    one SGD step (lr 1, gradient -alpha Delta, none when rejected), so ``global_step`` and ``max_steps`` count updates. Logged under ``train/``:
     ``kl_after_step``, ``surrogate_improvement`` and ``expected_improvement`` (g . alpha Delta) of
     the step (0 when rejected), ``cg_residual``, ``cg_iterations``, ``line_search_tries`` and
     ``accepted`` (share of the updates so far).
@@ -55,14 +55,7 @@ class TRPOModule(OnPolicyModule):
         accuracy: name of the reward function whose value 1 marks a correct response (None: no accuracy).
         sampling: sampling parameters of the training rollouts.
         advantage: baseline and scaling (default: group mean, group std; RLOO: ``leave_one_out``, ``none``).
-        max_kl: delta, the bound on the mean token KL.
-        damping: lambda, added to F (in the units of F's eigenvalues): keeps the step out of the
-            directions where the sampled Fisher is nearly singular. configs/trpo.yaml explains its value.
-        cg_iterations: conjugate gradient stops after this many Fisher-vector products ...
-        cg_tolerance: ... or at this relative residual ||g - (F + lambda I) s|| / ||g||.
-        line_search_factor: the step fractions tried are factor^0 .. factor^(tries - 1) ...
-        line_search_tries: ... with this many tries.
-        fisher_sample_size: sequences (per rank) over which F v is averaged (None: all of the rollout's).
+        trust_region: delta, damping, conjugate gradient and line search (:class:`TrustRegionConfig`).
         update: micro-batches, LM-head chunks, gradient checkpointing (one pass over the whole
             rollout: epochs 1, no mini-batches; ``max_grad_norm`` does not apply, delta bounds the step).
         seed: seeds sampling (per rank and step, so a resumed run samples the same).
@@ -77,28 +70,17 @@ class TRPOModule(OnPolicyModule):
         accuracy: str | None = None,
         sampling: SamplingParams | None = None,
         advantage: AdvantageConfig | None = None,
-        max_kl: float = 0.01,
-        damping: float = 0.1,
-        cg_iterations: int = 10,
-        cg_tolerance: float = 1e-3,
-        line_search_factor: float = 0.5,
-        line_search_tries: int = 10,
-        fisher_sample_size: int | None = None,
+        trust_region: TrustRegionConfig | None = None,
         update: UpdateConfig | None = None,
         seed: int = 0,
     ) -> None:
         scorer = RewardScorer(list(rewards), accuracy) if rewards else None
         super().__init__(policy, scorer, sampling, None, update, reference=False, seed=seed)
         self.hparams.pop("optimizer", None)  # the base's AdamW option: TRPO's optimizer only applies its step
-        if max_kl <= 0 or damping < 0 or not 0 < line_search_factor < 1 or min(line_search_tries, cg_iterations) < 1:
-            raise ValueError("TRPO needs max_kl > 0, damping >= 0, 0 < line_search_factor < 1, "
-                             "line_search_tries >= 1 and cg_iterations >= 1")
         if self.update_config.epochs != 1 or self.update_config.mini_batch_size is not None:
             raise ValueError("TRPO takes one step from the whole rollout: update.epochs 1, update.mini_batch_size null")
         self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="mean", scaling="group")
-        self.max_kl, self.damping, self.fisher_sample_size = max_kl, damping, fisher_sample_size
-        self.cg_iterations, self.cg_tolerance = cg_iterations, cg_tolerance
-        self.line_search_factor, self.line_search_tries = line_search_factor, line_search_tries
+        self.trust_region = as_dataclass(trust_region, TrustRegionConfig) or TrustRegionConfig()
         self.register_buffer("accepted_updates", torch.zeros((), dtype=torch.long))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -174,8 +156,9 @@ class TRPOModule(OnPolicyModule):
         advantages = compute_advantages(self.advantage, rollout.rewards, rollout.groups, valid, sum_across=sum_across).advantages
         rows, micro_batch_size = valid.nonzero().flatten(), self.update_config.micro_batch_size
         batches = fisher_batches = response_rows(rollout, rows, advantages, micro_batch_size)
-        if self.fisher_sample_size is not None and rows.numel() > self.fisher_sample_size:  # a random subset for F
-            sample = self.minibatches(rows, self.fisher_sample_size)[0]
+        region = self.trust_region
+        if region.fisher_sample_size is not None and rows.numel() > region.fisher_sample_size:  # a random subset for F
+            sample = self.minibatches(rows, region.fisher_sample_size)[0]
             fisher_batches = response_rows(rollout, sample, advantages, micro_batch_size)
         # token means over the global batch: every rank's sums, divided by every rank's token count
         counts = torch.tensor([sum(map(len, batches)), sum(map(len, fisher_batches))], dtype=torch.float64, device=self.device)
@@ -185,12 +168,12 @@ class TRPOModule(OnPolicyModule):
         surrogate_old, gradient = map(sum_across, self.surrogate_gradient(batches, parameters, num_tokens))
 
         def fisher_vector_product(vector: Tensor) -> Tensor:  # (F + lambda I) v, the same on every rank
-            return sum_across(self.kl_hessian_vector_product(fisher_batches, parameters, vector, fisher_tokens)) + self.damping * vector
+            return sum_across(self.kl_hessian_vector_product(fisher_batches, parameters, vector, fisher_tokens)) + region.damping * vector
 
-        solve = conjugate_gradient(fisher_vector_product, gradient, self.cg_iterations, self.cg_tolerance)
+        solve = conjugate_gradient(fisher_vector_product, gradient, region.cg_iterations, region.cg_tolerance)
         search, step = LineSearchResult(False, 0.0, 0, 0.0, 0.0), None
         if bool(gradient.any()):  # else no rank has a valid response with a nonzero advantage: no step
-            step = trust_region_step(solve.solution, solve.solution @ fisher_vector_product(solve.solution), self.max_kl)
+            step = trust_region_step(solve.solution, solve.solution @ fisher_vector_product(solve.solution), region.max_kl)
             old_head = head_weights(self.policy, parameters, theta_old)
 
             def evaluate(fraction: float) -> tuple[float, float]:
@@ -198,7 +181,7 @@ class TRPOModule(OnPolicyModule):
                 kl, surrogate = sum_across(self.kl_and_surrogate(batches, old_head, num_tokens)).tolist()
                 return kl, surrogate - float(surrogate_old)
 
-            search = backtracking_line_search(evaluate, self.max_kl, self.line_search_factor, self.line_search_tries)
+            search = backtracking_line_search(evaluate, region.max_kl, region.line_search_factor, region.line_search_tries)
         # theta_old + alpha Delta as one SGD step (theta_old when rejected), which Lightning counts in global_step
         assign_(parameters, theta_old)
         step_gradients(parameters, step if search.accepted else None, search.fraction)

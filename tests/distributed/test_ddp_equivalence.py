@@ -112,7 +112,7 @@ def _setup(algorithm: str, devices: int):
     elif algorithm == "reinforce":  # a global batch mean, a KL folded into the reward
         module = SameGlobalRollout(spec, rewards=rewards, advantage=AdvantageConfig("batch_mean", "batch"), kl_coef=0.1, **common)
     elif algorithm == "trpo":  # token means over every rank's tokens: uneven token counts across ranks
-        module = SameGlobalRollout(spec, rewards=rewards, sampling=common["sampling"], max_kl=0.05, update=UpdateConfig(micro_batch_size=4))
+        module = SameGlobalRollout(spec, rewards=rewards, sampling=common["sampling"], trust_region={"max_kl": 0.05}, update=UpdateConfig(micro_batch_size=4))
     elif algorithm == "rejection_sampling":
         module = SameGlobalRollout(spec, rewards=rewards, keep_top_k=2, reward_threshold=1.0, **common)
     elif algorithm == "grape":  # confidence-weighted rubric, leave-one-out, off-policy responses for some prompts

@@ -10,6 +10,7 @@ import lightning as L
 from grape_lightning.algorithms.trpo import TRPOModule
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.models import ModelSpec
+from grape_lightning.natural_gradient import TrustRegionConfig
 from grape_lightning.rewards import NumericMatch
 from grape_lightning.rollout import RolloutDataModule, SamplingParams
 
@@ -31,7 +32,7 @@ def test_trpo_raises_validation_accuracy(tmp_path):
         policy=ModelSpec(name_or_path="grape/tiny-addition-sft"),
         rewards=[NumericMatch()], accuracy="numeric_match",
         sampling=SamplingParams(max_new_tokens=6, temperature=1.0),
-        max_kl=max_kl, damping=10.0, fisher_sample_size=32, cg_iterations=10,
+        trust_region=TrustRegionConfig(max_kl=max_kl, damping=10.0, fisher_sample_size=32, cg_iterations=10),
     )
     datamodule = RolloutDataModule(
         task=ArithmeticTask(digits=2, operators="+", num_train=3000, num_val=200),

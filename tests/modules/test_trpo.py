@@ -23,6 +23,7 @@ from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.losses.trpo import categorical_kl, mean_token_kl, trpo_surrogate
 from grape_lightning.models.logprobs import positions_from_mask
 from grape_lightning.natural_gradient import (
+    TrustRegionConfig,
     assign_, backtracking_line_search, conjugate_gradient, step_gradients, trust_region_step,
 )
 from grape_lightning.rewards import RewardFunction
@@ -282,7 +283,7 @@ def test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian():
     assert relative_error(hessian, fisher) < 1e-6
     for seed in range(3):
         vector = torch.randn(theta.numel(), dtype=F64, generator=torch.Generator().manual_seed(seed))
-        product = module.kl_hessian_vector_product(batches, parameters, vector)
+        product = module.kl_hessian_vector_product(batches, parameters, vector, float(sum(map(len, batches))))
         assert relative_error(product, fisher @ vector) < 1e-6
         assert relative_error(product, hessian @ vector) < 1e-6
 
@@ -347,7 +348,7 @@ def test_every_accepted_step_keeps_the_measured_kl_within_delta_and_frozen_param
     max_kl = 0.02
     module = RecordingTRPO(
         tiny_spec(dtype="float64"), rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=4),
-        max_kl=max_kl, damping=1e-3, update=UpdateConfig(micro_batch_size=6),  # little damping: full steps land near or past delta
+        trust_region=TrustRegionConfig(max_kl=max_kl, damping=1e-3), update=UpdateConfig(micro_batch_size=6),  # little damping: full steps land near or past delta
     )
     for name, parameter in module.policy.named_parameters():
         parameter.requires_grad_(not name.startswith(FROZEN))
@@ -379,9 +380,9 @@ def test_every_accepted_step_keeps_the_measured_kl_within_delta_and_frozen_param
 
 def test_a_rejected_line_search_restores_the_parameters_bit_for_bit(tmp_path):
     module = RecordingTRPO(
-        tiny_spec(), rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=4), line_search_tries=3
+        tiny_spec(), rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=4), trust_region=TrustRegionConfig(line_search_tries=3)
     )
-    module.max_kl = -1.0  # KL >= 0 > max_kl: no step can be accepted
+    module.trust_region.max_kl = -1.0  # KL >= 0 > max_kl: no step can be accepted
     initial = [tensor.detach().clone() for tensor in module.policy.state_dict().values()]
     trainer = _trainer(tmp_path, 2)
     trainer.fit(module, _datamodule())
@@ -396,7 +397,7 @@ def test_a_rejected_line_search_restores_the_parameters_bit_for_bit(tmp_path):
 
 def test_invalid_options_are_refused():
     refused = (
-        {"max_kl": 0.0}, {"line_search_factor": 1.0}, {"line_search_tries": 0}, {"advantage": {"baseline": "gae"}},
+        {"trust_region": {"max_kl": 0.0}}, {"trust_region": {"line_search_factor": 1.0}}, {"trust_region": {"line_search_tries": 0}}, {"advantage": {"baseline": "gae"}},
         {"update": {"epochs": 2}}, {"update": {"mini_batch_size": 4}},
     )
     for options in refused:
@@ -407,7 +408,7 @@ def test_invalid_options_are_refused():
 def test_resume_mid_run_reproduces_the_uninterrupted_run(tmp_path):
     def make():
         L.seed_everything(0)
-        return _module(advantage=AdvantageConfig(baseline="leave_one_out", scaling="none"), fisher_sample_size=8)
+        return _module(advantage=AdvantageConfig(baseline="leave_one_out", scaling="none"), trust_region=TrustRegionConfig(fisher_sample_size=8))
 
     full = make()
     initial = [p.detach().clone() for p in full.policy.parameters()]
