@@ -106,8 +106,3 @@ def test_validate_on_the_export_scores_as_the_trained_model(user_run):
     expected = greedy_reward_score(model.float(), tokenizer, references, ExactMatch(), max_new_tokens=MAX_NEW_TOKENS)
     assert reported["val/accuracy"] == pytest.approx(expected.accuracy, abs=1e-6)
 
-
-def test_every_shipped_config_prints_the_run_summary():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
-        assert "grape_lightning.callbacks.RunSummary" in [c["class_path"] for c in callbacks], path.name
