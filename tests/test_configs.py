@@ -138,10 +138,9 @@ def test_the_datamodule_tokenizer_follows_the_trained_model(instantiate):
     assert switched.datamodule.chat_template is False
 
 
-def test_the_linked_tokenizer_cannot_be_set_on_the_data(capsys):
-    code, _, err = grape_in_process("fit", "--config", str(ROOT / "configs/grpo.yaml"), "--data.init_args.tokenizer", "gpt2",
-                                    capsys=capsys)
-    assert code == 2 and "tokenizer" in err.splitlines()[0]
+def test_the_link_overrides_a_tokenizer_given_to_the_data(instantiate):
+    cli = instantiate("--config", str(ROOT / "configs/grpo.yaml"), "--data.init_args.tokenizer", "gpt2")
+    assert cli.datamodule.tokenizer_name == "grape/tiny-addition-sft"
 
 
 def test_a_datamodule_named_another_tokenizer_loads_it():
