@@ -120,11 +120,17 @@ def _documented(text: str) -> list[str]:
     return matches[0]
 
 
-def test_quickstart_command_trains(workdir):
+def test_quickstart_command_trains_and_exports_a_model_that_generates(workdir):
+    from tests.test_cli import assert_exported_model_generates
+
     command = _documented("grape fit --config configs/grape.yaml")
-    _, output = grape_here(*command[1:], *SHORT, *SMALL_TASK, "--data.init_args.batch_size", "2", cwd=workdir)
+    _, output = grape_here(*command[1:], *SHORT, *SMALL_TASK, "--data.init_args.batch_size", "2",
+                           "--checkpoint.every_n_train_steps", "2", cwd=workdir)
     assert "val/accuracy: before" in output
-    assert (workdir / "runs/grape/version_0/hf/config.json").is_file()
+    export, _ = grape_here("export", "--ckpt_path", "runs/grape/version_0/checkpoints/last.ckpt", "--output_dir", "exported",
+                           cwd=workdir)
+    for directory in (workdir / "runs/grape/version_0/hf", Path(export)):
+        assert_exported_model_generates(directory)
 
 
 def test_own_data_command_trains(workdir):
