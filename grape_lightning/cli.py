@@ -5,6 +5,12 @@
     grape fit --config configs/sft.yaml --ckpt_path last     # continue the latest run of this config
     grape export --ckpt_path runs/sft/version_0/checkpoints/last.ckpt --output_dir exported/
 
+Every subcommand first applies ``grape_lightning/base_config.yaml`` (the trainer settings all the
+shipped configs share: logger, checkpoint, callbacks), then each ``--config`` in order: a mapping
+merges key by key, a list (``trainer.callbacks``) is replaced, ``callbacks+:`` appends to it.
+The run's ``ModelCheckpoint`` is the ``checkpoint`` section, so replacing the callbacks list keeps
+it. The DataModule's ``tokenizer`` and ``chat_template`` are linked to the trained model's spec.
+
 Code of your own (a reward function in ``my_rewards.py``) is found by class path when its file
 sits beside a ``--config`` file or in the current directory: both are put on ``sys.path``, as
 Python does for the directory of a script.
@@ -20,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ProgressBar
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -38,10 +44,13 @@ import grape_lightning.rewards  # noqa: F401
 import grape_lightning.rewards.critics  # noqa: F401
 import grape_lightning.rollout  # noqa: F401
 from grape_lightning.model_source_args import replace_model_sources
+from grape_lightning.models.spec import ModelSpec, trained_model_spec
 from grape_lightning.resume import continue_run
 
 
 EXPORT_HELP = "Write the policy of a checkpoint in Hugging Face format."
+BASE_CONFIG = Path(__file__).resolve().parent / "base_config.yaml"
+"""Trainer settings every config shares, applied before the first ``--config``."""
 
 
 class GrapeCLI(LightningCLI):
@@ -77,11 +86,27 @@ class GrapeCLI(LightningCLI):
         assert parser._subcommands_action is not None
         parser._subcommands_action.add_subcommand("export", LightningArgumentParser(description=EXPORT_HELP), help=EXPORT_HELP)
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The run's checkpoint is a section of its own rather than an item of trainer.callbacks: a
+        # later config's list replaces the earlier one as a whole, and must not take it away unseen.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # The trained model's spec (``policy``; ``model`` of a reward model) also sets the DataModule's
+        # tokenizer and chat-template choice, so the data is encoded as the model reads it. Linked on
+        # parse, as names: RolloutDataModule's ``tokenizer`` is typed ``str``, and jsonargparse checks
+        # a linked value (a spec or a loaded tokenizer is refused there, on parse and on instantiation).
+        parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=trained_tokenizer, apply_on="parse")
+        parser.link_arguments("model", "data.init_args.chat_template", compute_fn=trained_chat_template, apply_on="parse")
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        # The ``checkpoint`` section's ModelCheckpoint, unless trainer.callbacks brings its own or
+        # checkpointing is off (Lightning refuses a ModelCheckpoint then).
+        if config.get("enable_checkpointing") is False or any(isinstance(c, ModelCheckpoint) for c in given):
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         # The grape progress bar (optimizer steps of max_steps, reward or loss, KL) unless the config
         # brings its own or turns bars off; complete logs (last step's metrics, no hp_metric) always.
-        given = config.get("callbacks") or []
-        configured = [*(given if isinstance(given, list) else [given]), *callbacks]
+        configured = [*given, *callbacks]
         added: list[L.Callback] = [] if any(isinstance(c, CompleteLogs) for c in configured) else [CompleteLogs()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             added.append(StepProgressBar())
@@ -102,6 +127,25 @@ class GrapeCLI(LightningCLI):
             command = f"grape {subcommand} --help" if subcommand else "grape --help"
             print(f"Run '{command}' for the accepted options.", file=sys.stderr)
             raise SystemExit(2) from None
+
+
+def _trained_spec(model: Namespace) -> ModelSpec | None:
+    init_args = model.get("init_args") if isinstance(model, Namespace) else None
+    return trained_model_spec(init_args.as_dict()) if isinstance(init_args, Namespace) else None
+
+
+def trained_tokenizer(model: Namespace) -> str | None:
+    """The tokenizer of the trained model of the parsed ``model`` section (its spec's ``tokenizer``,
+    else its ``name_or_path``); None for a module without a :class:`ModelSpec`."""
+    spec = _trained_spec(model)
+    return None if spec is None else spec.tokenizer_name
+
+
+def trained_chat_template(model: Namespace) -> bool | None:
+    """The chat-template choice of the trained model's spec (None: the tokenizer's template if it
+    has one)."""
+    spec = _trained_spec(model)
+    return None if spec is None else spec.chat_template
 
 
 def add_config_directories_to_path(argv: Sequence[str]) -> None:
@@ -151,6 +195,7 @@ def cli_main(args: Sequence[str] | None = None) -> GrapeCLI | str:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={subcommand: {"default_config_files": [str(BASE_CONFIG)]} for subcommand in GrapeCLI.subcommands()},
         trainer_defaults={
             "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
             "callbacks": [CheckpointOnInterrupt(), RecordWorkingDirectory()],

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from grape_lightning.data.formatting import uses_chat_template
+from grape_lightning.models.spec import trained_model_spec
 from grape_lightning.data.resumable_loader import ResumableDataLoader
 
 
@@ -20,17 +21,20 @@ class TokenizedDataModule(L.LightningDataModule):
     """Base DataModule.
 
     Data comes from a built-in ``task`` or from ``train_file`` / ``val_file`` (JSONL).
-    ``tokenizer=None`` takes the tokenizer (and chat-template choice) of the LightningModule being
-    trained, so one field of the YAML (the model's) sets both; a string loads that tokenizer.
+    The ``grape`` command links ``tokenizer`` and ``chat_template`` to the trained model's spec, so
+    one field of the YAML (the model's) sets both. In Python, ``tokenizer=None`` takes the tokenizer
+    (and chat-template choice) of the LightningModule being trained; a name loads that tokenizer,
+    or takes the trained module's own when it is the one the module's spec names.
     Loaders shuffle by (seed, epoch), shard by rank, and resume mid-epoch from a checkpoint.
 
     Args:
         task: a built-in procedural task (``ArithmeticTask``, ``ReverseTask``) supplying the data.
         train_file: JSONL file of training rows (replaces the task's training data).
         val_file: JSONL file of validation rows.
-        tokenizer: tokenizer to load (None: the trained module's).
+        tokenizer: tokenizer to load (None: the trained module's; the ``grape`` command links it to
+            the trained model's).
         chat_template: None: the module's choice; True: format prompts with the chat template; False:
-            plain text.
+            plain text (the ``grape`` command links it to the trained model's spec).
         batch_size: rows (prompts for rollouts) per training batch and process.
         val_batch_size: rows per validation batch (default: ``batch_size``).
         num_workers: DataLoader worker processes.
@@ -121,21 +125,26 @@ class TokenizedDataModule(L.LightningDataModule):
         return bool(self._chat_template)
 
     def _resolve_tokenizer(self) -> None:
-        if self.tokenizer_name is not None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        trained = getattr(module, "tokenizer", None)
+        spec = trained_model_spec(module.hparams) if module is not None else None
+        # The trained module's own tokenizer when it is the one named (as the ``grape`` command links
+        # it): loaded once, with the spec's revision and trust_remote_code.
+        same = trained is not None and spec is not None and spec.tokenizer_name == self.tokenizer_name
+        if self.tokenizer_name is not None and not same:
             from grape_lightning.models.loading import load_tokenizer
 
             self.set_tokenizer(load_tokenizer(self.tokenizer_name), self.chat_template_choice)
             return
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is None or not hasattr(module, "tokenizer"):
+        if trained is None:
             raise RuntimeError(
                 f"{type(self).__name__} has no tokenizer: give 'tokenizer', attach it to a Trainer with a "
                 "grape_lightning module, or call set_tokenizer()"
             )
         choice = self.chat_template_choice
-        if choice is None and hasattr(module, "policy_spec"):
-            choice = module.policy_spec.chat_template
-        self.set_tokenizer(module.tokenizer, choice)
+        if choice is None and spec is not None:
+            choice = spec.chat_template
+        self.set_tokenizer(trained, choice)
 
     def note_lossy(self, text: Any, ids: list[int], row: dict[str, Any]) -> None:
         """Count ``text`` if its ids do not decode back to it: characters outside the tokenizer's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,3 +72,24 @@ class ModelSpec:
     @property
     def tokenizer_name(self) -> str:
         return self.tokenizer if self.tokenizer is not None else self.name_or_path  # type: ignore[return-value]
+
+
+TRAINED_MODEL_FIELDS = ("policy", "model")
+"""The init argument of a grape module that holds the spec of the model it trains: ``policy``, or
+``model`` for :class:`~grape_lightning.algorithms.RewardModelModule`."""
+
+
+def trained_model_spec(arguments: Mapping[str, Any]) -> ModelSpec | None:
+    """The spec of the trained model among a module's init ``arguments`` (its ``hparams``, or the
+    ``init_args`` the ``grape`` command parsed); None when there is none or it is not a valid spec
+    (the module itself reports that, with its own message)."""
+    for name in TRAINED_MODEL_FIELDS:
+        value = arguments.get(name)
+        if isinstance(value, ModelSpec):
+            return value
+        if isinstance(value, Mapping):
+            try:
+                return ModelSpec(**value)
+            except (TypeError, ValueError):
+                return None
+    return None

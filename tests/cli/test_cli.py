@@ -1,4 +1,5 @@
-"""The real ``grape`` command in a subprocess: fit from the shipped config, export, help."""
+"""The real ``grape`` command on every shipped config: fit, export, help. In this process, but for
+the multi-process run (a subprocess, as a launcher starts it)."""
 
 import json
 import os
@@ -14,10 +15,9 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from grape_lightning.algorithms import SFTModule
-from grape_lightning.cli import cli_main
-
-ROOT = Path(__file__).resolve().parents[2]
+from grape_lightning.callbacks.learning_guard import NoLearningSignalError
+from grape_lightning.models.loading import load_tokenizer
+from tests.cli_runner import ROOT, grape_here, grape_in_process
 
 
 def grape(*args, cwd, expect=0):
@@ -56,64 +56,18 @@ def export_elsewhere(checkpoint: Path, tmp_path: Path) -> Path:
     """``grape export`` run from a directory other than the training one, with relative paths."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(exist_ok=True)
-    result = grape("export", "--ckpt_path", os.path.relpath(checkpoint, elsewhere), "--output_dir", "exported", cwd=elsewhere)
-    assert "exported" in result.stdout
+    directory, output = grape_here("export", "--ckpt_path", os.path.relpath(checkpoint, elsewhere), "--output_dir", "exported",
+                                   cwd=elsewhere)
+    assert "exported" in output and Path(directory) == elsewhere / "exported"
     return elsewhere / "exported"
 
 
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    """A short run of configs/sft.yaml with a small override file (fewer steps, checkpoints every 3)."""
-    workdir = tmp_path_factory.mktemp("sft_cli")
-    override = {
-        "trainer": {
-            "max_steps": 6,
-            "val_check_interval": 3,
-            "log_every_n_steps": 1,
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"every_n_train_steps": 3, "save_last": True}},
-                {"class_path": "grape_lightning.callbacks.TokenThroughput"},
-                {"class_path": "grape_lightning.callbacks.GreedyTaskAccuracy", "init_args": {"num_examples": 8}},
-                {"class_path": "grape_lightning.callbacks.HFExport"},
-                {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
-            ],
-        },
-        "data": {"init_args": {"task": {"init_args": {"num_train": 100, "num_val": 16}}, "batch_size": 16}},
-    }
-    (workdir / "override.yaml").write_text(yaml.safe_dump(override))
-    grape("fit", "--config", str(ROOT / "configs/sft.yaml"), "--config", "override.yaml", cwd=workdir)
-    return workdir / "runs" / "sft" / "version_0"
-
-
-def test_fit_writes_metrics_checkpoints_and_export(sft_run):
-    events = EventAccumulator(str(sft_run))
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/token_accuracy", "train/tokens_per_s", "val/loss", "val/accuracy"} <= tags
-    assert any(tag.startswith("lr-") for tag in tags)
-    assert (sft_run / "checkpoints" / "last.ckpt").is_file()
-    assert (sft_run / "hf" / "config.json").is_file()
-
-
-def test_export_gives_identical_logits(sft_run, tmp_path):
-    checkpoint = sft_run / "checkpoints" / "last.ckpt"
-    grape("export", "--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "exported"), cwd=tmp_path)
-    module = SFTModule.load_from_checkpoint(checkpoint).eval()
-    for directory in (tmp_path / "exported", sft_run / "hf"):
-        model = AutoModelForCausalLM.from_pretrained(directory).eval()
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        ids = torch.tensor([tokenizer("12+34=")["input_ids"]])
-        assert ids.tolist() == [module.tokenizer("12+34=")["input_ids"]]
-        with torch.no_grad():
-            torch.testing.assert_close(model(ids).logits, module.policy(ids).logits, rtol=0, atol=0)
-    assert_exported_model_generates(tmp_path / "exported")
-
-
-def test_help_and_print_config(tmp_path):
-    assert "--config" in grape("fit", "--help", cwd=tmp_path).stdout
-    printed = grape("fit", "--config", str(ROOT / "configs/sft.yaml"), "--print_config", cwd=tmp_path).stdout
+def test_help_and_print_config(capsys):
+    code, help_text, _ = grape_in_process("fit", "--help", capsys=capsys)
+    assert code == 0 and "--config" in help_text
+    code, printed, _ = grape_in_process("fit", "--config", str(ROOT / "configs/sft.yaml"), "--print_config", capsys=capsys)
     config = yaml.safe_load(printed)
-    assert config["model"]["class_path"] == "grape_lightning.algorithms.SFTModule"
+    assert code == 0 and config["model"]["class_path"] == "grape_lightning.algorithms.SFTModule"
     assert config["data"]["init_args"]["task"]["class_path"] == "grape_lightning.data.tasks.ArithmeticTask"
 
 
@@ -129,37 +83,6 @@ RL_TAGS = {
 }
 
 
-@pytest.mark.parametrize("algorithm", sorted(RL_TAGS))
-def test_rl_config_runs_from_the_cli(algorithm, tmp_path):
-    override = {
-        "trainer": {
-            "max_steps": 3,
-            "val_check_interval": 3,
-            "log_every_n_steps": 1,
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
-                {"class_path": "grape_lightning.callbacks.SampleTable", "init_args": {"every_n_steps": 1}},
-                {"class_path": "grape_lightning.callbacks.HFExport"},
-            ],
-        },
-        "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 16}}}},
-    }
-    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
-    result = grape("fit", "--config", str(ROOT / f"configs/{algorithm}.yaml"), "--config", "override.yaml", cwd=tmp_path)
-    assert "initial policy: val/accuracy" in result.stdout + result.stderr
-    run = tmp_path / "runs" / algorithm / "version_0"
-    events = EventAccumulator(str(run))
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
-    expected = {"train/reward", "train/reward_std", "train/reward/numeric_match", "train/response_length",
-                "train/generation_tokens_per_s", "train/invalid_rewards", "val/accuracy", "val/reward"}
-    assert expected | RL_TAGS[algorithm] <= scalars
-    assert [event.step for event in events.Scalars("val/accuracy")][0] == 0  # the initial policy
-    assert "samples/text_summary" in events.Tags()["tensors"]
-    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "hf" / "config.json").is_file()
-    assert_exported_model_generates(export_elsewhere(run / "checkpoints" / "last.ckpt", tmp_path))
-
-
 def test_grpo_under_two_process_ddp_finishes_and_exports(tmp_path):
     """Each rank samples its own prompts; callbacks that write files must not deadlock the ranks."""
     override = {"data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 16}}}}}
@@ -173,62 +96,6 @@ def test_grpo_under_two_process_ddp_finishes_and_exports(tmp_path):
     assert (tmp_path / "runs" / "grpo" / "version_0" / "hf" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("algorithm, tags", [
-    ("dpo", {"train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen", "val/rewards/chosen", "val/accuracy"}),
-    ("reward_model", {"train/loss", "train/accuracy", "train/margin", "val/accuracy", "val/margin"}),
-])
-def test_preference_config_runs_from_the_cli(algorithm, tags, tmp_path):
-    override = {
-        "trainer": {"max_steps": 4, "val_check_interval": 2, "log_every_n_steps": 1},
-        "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 16}}}},
-    }
-    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
-    grape("fit", "--config", str(ROOT / f"configs/{algorithm}.yaml"), "--config", "override.yaml", cwd=tmp_path)
-    run = tmp_path / "runs" / algorithm / "version_0"
-    events = EventAccumulator(str(run))
-    events.Reload()
-    assert tags <= set(events.Tags()["scalars"])
-    assert (run / "hf" / "config.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-    exported = export_elsewhere(run / "checkpoints" / "last.ckpt", tmp_path)
-    if algorithm == "dpo":
-        assert_exported_model_generates(exported)
-    else:  # a reward model: a sequence classifier with one score
-        scorer = AutoModelForSequenceClassification.from_pretrained(exported)
-        tokenizer = AutoTokenizer.from_pretrained(exported)
-        assert scorer(**tokenizer(["12+34=46"], return_tensors="pt")).logits.shape == (1, 1)
-
-
-def test_grape_quickstart_config_runs_and_prints_its_summary(tmp_path):
-    """Also: the rubric's path is relative, as in the shipped config, and ``grape export`` run from
-    another directory resolves it as training did."""
-    (tmp_path / "rubrics").mkdir()
-    shutil.copy(ROOT / "configs/rubrics/arithmetic.yaml", tmp_path / "rubrics" / "arithmetic.yaml")
-    override = {
-        "trainer": {
-            "max_steps": 3, "val_check_interval": 3, "log_every_n_steps": 1,
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
-                {"class_path": "grape_lightning.callbacks.RunSummary"},
-            ],
-        },
-        "model": {"init_args": {"rubric": "rubrics/arithmetic.yaml"}},
-        "data": {"init_args": {"task": {"init_args": {"num_train": 64, "num_val": 16}}}},
-    }
-    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
-    result = grape("fit", "--config", str(ROOT / "configs/grape.yaml"), "--config", "override.yaml", cwd=tmp_path)
-    output = result.stdout + result.stderr
-    assert "val/accuracy: before 0." in output and "-> after 0." in output
-    assert "TensorBoard logs:" in output
-    run = tmp_path / "runs" / "grape" / "version_0"
-    events = EventAccumulator(str(run))
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
-    for item in ("correct", "judged_correct"):
-        assert {f"rubric/math/{item}/{name}" for name in ("score", "confidence", "spread", "failures")} <= scalars
-    assert {"critic_failures", "val/accuracy", "train/reward"} <= scalars
-    assert_exported_model_generates(export_elsewhere(run / "checkpoints" / "last.ckpt", tmp_path))
-
-
 def test_a_run_whose_rewards_cannot_be_computed_stops_with_the_cause(tmp_path):
     """Prompts without the ``answer`` NumericMatch reads: no reward is valid, no optimizer step can
     happen, and max_steps would never be reached. The run stops after the default 20 batches."""
@@ -239,11 +106,11 @@ def test_a_run_whose_rewards_cannot_be_computed_stops_with_the_cause(tmp_path):
         "data": {"init_args": {"task": None, "train_file": "prompts.jsonl", "batch_size": 4, "group_size": 2}},
     }
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
-    result = grape("fit", "--config", str(ROOT / "configs/grpo.yaml"), "--config", "override.yaml", cwd=tmp_path, expect=1)
-    message = result.stderr.strip().splitlines()[-1]
+    with pytest.raises(NoLearningSignalError) as stopped:
+        grape_here("fit", "--config", str(ROOT / "configs/grpo.yaml"), "--config", "override.yaml", cwd=tmp_path)
+    message = str(stopped.value)
     print(f"\n{message}")
-    assert message.startswith("grape_lightning.callbacks.learning_guard.NoLearningSignalError: GRPOModule: "
-                              "20 consecutive rollout batches without an optimizer step (at step 0)")
+    assert message.startswith("GRPOModule: 20 consecutive rollout batches without an optimizer step (at step 0)")
     assert "8 of 8 rewards were invalid (None/NaN/inf); missing values by reward function: 'numeric_match' 8" in message
     assert "'metadata': {'category': 'math', 'source': 'prompts.jsonl:" in message  # the row, by file and line
 
@@ -286,29 +153,84 @@ def local_model(tmp_path_factory) -> Path:
 
 
 CONFIGS = sorted(path.stem for path in (ROOT / "configs").glob("*.yaml"))
+ON_POLICY = {*RL_TAGS, "grape"}
+RL_COMMON_TAGS = {"train/reward", "train/reward_std", "train/reward/numeric_match", "train/response_length",
+                  "train/generation_tokens_per_s", "train/invalid_rewards", "val/accuracy", "val/reward"}
+TAGS = {
+    **{algorithm: RL_COMMON_TAGS | tags for algorithm, tags in RL_TAGS.items()},
+    "grape": {"critic_failures", "val/accuracy", "train/reward"} | {
+        f"rubric/math/{item}/{name}" for item in ("correct", "judged_correct") for name in ("score", "confidence", "spread", "failures")},
+    "sft": {"train/loss", "train/token_accuracy", "train/tokens_per_s", "val/loss", "val/accuracy"},
+    "dpo": {"train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen", "val/rewards/chosen", "val/accuracy"},
+    "reward_model": {"train/loss", "train/accuracy", "train/margin", "val/accuracy", "val/margin"},
+}
+
+
+def test_every_config_has_its_expected_metrics():
+    assert sorted(TAGS) == CONFIGS
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_every_config_trains_a_local_model_named_by_one_flag(config, local_model, tmp_path, monkeypatch):
-    """The README's one-flag change: ``--model.init_args.policy '{"name_or_path": ...}'`` (the
-    reward model's spec is ``model``) replaces the YAML's model, tiny-model fields included; the
-    tokenizer and its chat template follow the model."""
+def test_every_config_trains_a_local_model_named_by_one_flag_and_exports_it(config, local_model, tmp_path):
+    """Each shipped config through the real command, two optimizer steps, with the README's
+    one-flag change: ``--model.init_args.policy '{"name_or_path": ...}'`` (the reward model's spec is
+    ``model``) replaces the YAML's model, tiny-model fields included; the tokenizer and its chat
+    template follow the model. Then: the algorithm's metrics, the run summary, ``last.ckpt`` (the
+    on-policy runs replace trainer.callbacks, and the checkpoint section stays), HFExport's
+    directory, and ``grape export`` from another directory (GRAPE's relative rubric path resolved
+    as in training) giving a model that generates with the trained module's exact logits."""
     override = {
         "trainer": {"max_steps": 2, "val_check_interval": 2, "log_every_n_steps": 1, "enable_progress_bar": False},
+        "checkpoint": {"every_n_train_steps": 2},
         "data": {"init_args": {"task": {"init_args": {"num_train": 32, "num_val": 8}}}},
     }
+    if config in ON_POLICY:
+        override["trainer"]["callbacks"] = [
+            {"class_path": "grape_lightning.callbacks.SampleTable", "init_args": {"every_n_steps": 1}},
+            {"class_path": "grape_lightning.callbacks.HFExport"},
+            {"class_path": "grape_lightning.callbacks.RunSummary"},
+        ]
     if config == "grape":
-        override["model"] = {"init_args": {"rubric": str(ROOT / "configs/rubrics/arithmetic.yaml")}}
+        (tmp_path / "rubrics").mkdir()
+        shutil.copy(ROOT / "configs/rubrics/arithmetic.yaml", tmp_path / "rubrics" / "arithmetic.yaml")
+        override["model"] = {"init_args": {"rubric": "rubrics/arithmetic.yaml"}}
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
     spec = "model" if config == "reward_model" else "policy"
-    monkeypatch.chdir(tmp_path)  # in-process (one interpreter for every config keeps this test fast)
-    cli_main([
-        "fit", "--config", str(ROOT / f"configs/{config}.yaml"), "--config", "override.yaml",
-        f"--model.init_args.{spec}", json.dumps({"name_or_path": str(local_model)}),
-    ])
-    exported = next((tmp_path / "runs").glob("*/version_0/hf"))
-    tokenizer = AutoTokenizer.from_pretrained(exported)
-    assert tokenizer.chat_template == CHAT_TEMPLATE and len(tokenizer) == len(AutoTokenizer.from_pretrained(local_model))
+    cli, output = grape_here("fit", "--config", str(ROOT / f"configs/{config}.yaml"), "--config", "override.yaml",
+                             f"--model.init_args.{spec}", json.dumps({"name_or_path": str(local_model)}), cwd=tmp_path)
+    run = tmp_path / "runs" / config / "version_0"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert TAGS[config] <= scalars, sorted(TAGS[config] - scalars)
+    assert "val/accuracy: before " in output and "TensorBoard logs:" in output
+    if config == "grape":
+        assert " -> after 0." in output
+    if config in ON_POLICY:
+        assert "initial policy: val/accuracy" in output
+        assert [event.step for event in events.Scalars("val/accuracy")][0] == 0  # the initial policy
+        assert "samples/text_summary" in events.Tags()["tensors"]
+    else:
+        assert any(tag.startswith("lr-") for tag in scalars)  # the base's LearningRateMonitor
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 2
+    trained = AutoTokenizer.from_pretrained(run / "hf")
+    assert trained.chat_template == CHAT_TEMPLATE and len(trained) == len(AutoTokenizer.from_pretrained(local_model))
+    exported = export_elsewhere(checkpoint, tmp_path)
+    if config == "reward_model":  # a sequence classifier with one score
+        scorer = AutoModelForSequenceClassification.from_pretrained(exported)
+        assert scorer(**AutoTokenizer.from_pretrained(exported)(["12+34=46"], return_tensors="pt")).logits.shape == (1, 1)
+        return
+    # (AutoTokenizer reads this BPE tokenizer saved beside a qwen2 config as Qwen2Tokenizer, which
+    # encodes otherwise and pads on the right: the export warns and the library's loader reads it as
+    # saved. The shipped models' exports are checked with AutoTokenizer by test_docs' quickstart.)
+    ids = torch.tensor([cli.model.tokenizer("12+34=")["input_ids"]])
+    for directory in (exported, run / "hf"):
+        assert load_tokenizer(str(directory))("12+34=")["input_ids"] == ids[0].tolist()
+        model = AutoModelForCausalLM.from_pretrained(directory).eval()
+        assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, cli.model.policy.eval()(ids).logits, rtol=0, atol=0)
 
 
 def test_naming_a_model_source_on_the_command_line_clears_the_other_and_is_idempotent():

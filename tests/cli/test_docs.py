@@ -1,6 +1,6 @@
 """The documentation runs as written: every command of a ```bash block in README.md and docs/ is
-checked (each ``grape`` command parses with ``--print_config``; a few train for real with small
-step overrides; each ``python scripts/...`` command's script starts and knows the options the
+checked (each ``grape`` command parses with ``--print_config``; a few train for real, in this
+process, with small step overrides; each ``python scripts/...`` command's script starts and knows the options the
 docs give it), every ```yaml block parses, and no file the docs cite is missing."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.cli_runner import ROOT, grape_in_process, run_grape
+from tests.cli_runner import ROOT, grape_here, grape_in_process
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -120,11 +120,17 @@ def _documented(text: str) -> list[str]:
     return matches[0]
 
 
-def test_quickstart_command_trains(workdir):
+def test_quickstart_command_trains_and_exports_a_model_that_generates(workdir):
+    from tests.cli.test_cli import assert_exported_model_generates
+
     command = _documented("grape fit --config configs/grape.yaml")
-    result = run_grape(*command[1:], *SHORT, *SMALL_TASK, "--data.init_args.batch_size", "2", cwd=workdir)
-    assert "val/accuracy: before" in result.stdout + result.stderr
-    assert (workdir / "runs/grape/version_0/hf/config.json").is_file()
+    _, output = grape_here(*command[1:], *SHORT, *SMALL_TASK, "--data.init_args.batch_size", "2",
+                           "--checkpoint.every_n_train_steps", "2", cwd=workdir)
+    assert "val/accuracy: before" in output
+    export, _ = grape_here("export", "--ckpt_path", "runs/grape/version_0/checkpoints/last.ckpt", "--output_dir", "exported",
+                           cwd=workdir)
+    for directory in (workdir / "runs/grape/version_0/hf", Path(export)):
+        assert_exported_model_generates(directory)
 
 
 def test_own_data_command_trains(workdir):
@@ -134,23 +140,22 @@ def test_own_data_command_trains(workdir):
     rows += [{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}]
     (workdir / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (workdir / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:4]))
-    run_grape(*command[1:], *SHORT, "--data.init_args.batch_size", "8", cwd=workdir)
+    grape_here(*command[1:], *SHORT, "--data.init_args.batch_size", "8", cwd=workdir)
     events = EventAccumulator(str(workdir / "runs/sft/version_0"))
     events.Reload()
     assert {"train/loss", "val/loss"} <= set(events.Tags()["scalars"])
 
 
-def test_prompt_file_example_trains(workdir):
+def test_prompt_file_example_trains(workdir, monkeypatch):
     """The worked example from prompt JSONL to a GRPO run: its Python writes the files, then the
     documented command trains on them (a few steps)."""
-    import subprocess
-    import sys
-
     (name, writer), = [(name, command) for name, command in PYTHON_INPUTS if "_prompts.jsonl" in command[3]]
-    subprocess.run([sys.executable, "-"], input=writer[3], text=True, cwd=workdir, check=True, timeout=120)
+    monkeypatch.chdir(workdir)
+    exec(compile(writer[3], name, "exec"), {"__name__": "__main__"})  # what `python - <<'PY'` runs
+    assert (workdir / "train_prompts.jsonl").is_file() and (workdir / "val_prompts.jsonl").is_file()
     command = _documented("grape fit --config configs/grpo.yaml --data.init_args.train_file train_prompts.jsonl")
-    result = run_grape(*command[1:], *SHORT, "--data.init_args.batch_size", "2", cwd=workdir)
-    assert "val/accuracy: before" in result.stdout + result.stderr
+    _, output = grape_here(*command[1:], *SHORT, "--data.init_args.batch_size", "2", cwd=workdir)
+    assert "val/accuracy: before" in output
 
 
 @pytest.mark.parametrize("name, command", SCRIPTS, ids=[name for name, _ in SCRIPTS])

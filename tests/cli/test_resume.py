@@ -57,7 +57,8 @@ def test_checkpoint_holds_plain_hyperparameters(tmp_path):
     assert restored.optimizer_config.lr == 1e-2
 
 
-# -- through the real ``grape`` command, with the shipped config's TensorBoard logger ---------------
+# -- through the real ``grape`` command, with the shipped config's TensorBoard logger (the killed run
+# in a process of its own, the others in this one) ----------------------------------------------
 
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -66,19 +67,20 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
 import yaml  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from grape_lightning.checkpointing import UnreadableCheckpointError  # noqa: E402
+from tests.cli_runner import grape_here  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def _grape(workdir: Path, *args: str, expect: int = 0) -> str:
-    command = [sys.executable, "-m", "grape_lightning.cli", "fit", "--config", str(ROOT / "configs/grpo.yaml"),
-               "--config", "override.yaml", *args]
-    result = subprocess.run(command, cwd=workdir, env=ENV, capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == expect, f"{args}: exit {result.returncode}\n{output[-5000:]}"
+def _grape(workdir: Path, *args: str) -> str:
+    """``grape fit`` of the run, in this process: only the run that is killed needs its own."""
+    _, output = grape_here("fit", "--config", str(ROOT / "configs/grpo.yaml"), "--config", "override.yaml", *args, cwd=workdir)
     return output
 
 
@@ -144,9 +146,10 @@ def test_killed_run_continues_in_its_own_log_directory_and_a_chosen_run_resumes_
     latest = tmp_path / "runs" / "grpo" / "version_1" / "checkpoints"
     torn = latest / "last.ckpt"
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
-    output = _grape(tmp_path, "--ckpt_path", "runs/grpo/version_1/checkpoints/last.ckpt", "--trainer.max_steps", "4", expect=1)
-    assert "checkpoint runs/grpo/version_1/checkpoints/last.ckpt cannot be read: it is truncated or corrupt" in output
-    assert "The newest intact checkpoint beside it is runs/grpo/version_1/checkpoints/epoch=0-step=2.ckpt" in output
+    with pytest.raises(UnreadableCheckpointError) as unreadable:
+        _grape(tmp_path, "--ckpt_path", "runs/grpo/version_1/checkpoints/last.ckpt", "--trainer.max_steps", "4")
+    assert "checkpoint runs/grpo/version_1/checkpoints/last.ckpt cannot be read: it is truncated or corrupt" in str(unreadable.value)
+    assert "The newest intact checkpoint beside it is runs/grpo/version_1/checkpoints/epoch=0-step=2.ckpt" in str(unreadable.value)
     output = _grape(tmp_path, "--ckpt_path", "last", "--trainer.max_steps", "4")
     assert "moved it to last.ckpt.unreadable and resuming from the newest intact checkpoint beside it" in output
     assert "epoch=0-step=2.ckpt" in output

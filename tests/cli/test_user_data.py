@@ -1,7 +1,7 @@
 """The path of a user with their own JSONL task (prompts with spaces): train with the real
-``grape`` command, export, reload the export through ``AutoTokenizer``, the library's loader and
-``grape validate``; the tokenizer is the one the model was trained with, and the run reports
-greedy accuracy on the user's rows before and after."""
+``grape`` command (in this process), export, reload the export through ``AutoTokenizer``, the
+library's loader and ``grape validate``; the tokenizer is the one the model was trained with, and
+the run reports greedy accuracy on the user's rows before and after."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from grape_lightning.data.char_tokenizer import build_char_tokenizer
 from grape_lightning.evaluation import greedy_reward_score
 from grape_lightning.models.loading import load_tokenizer
 from grape_lightning.rewards import ExactMatch
-from tests.cli.test_cli import ROOT, grape
+from tests.cli_runner import ROOT, grape_here
 from tests.models.test_tokenizer_round_trip import assert_same_tokenizer
 
 MAX_NEW_TOKENS = 4
@@ -56,8 +56,8 @@ def user_run(tmp_path_factory):
         "data": {"init_args": {"train_file": "train.jsonl", "val_file": "val.jsonl", "batch_size": 16}},
     }
     (workdir / "override.yaml").write_text(yaml.safe_dump(override))
-    result = grape("fit", "--config", str(ROOT / "configs/sft.yaml"), "--config", "override.yaml", cwd=workdir)
-    return workdir, workdir / "runs" / "sft" / "version_0" / "hf", result.stdout + result.stderr
+    _, output = grape_here("fit", "--config", str(ROOT / "configs/sft.yaml"), "--config", "override.yaml", cwd=workdir)
+    return workdir, workdir / "runs" / "sft" / "version_0" / "hf", output
 
 
 def test_export_reloads_the_training_tokenizer(user_run):
@@ -85,8 +85,8 @@ def test_validate_on_the_export_scores_as_the_trained_model(user_run):
     workdir, export, _ = user_run
     override = {"model": {"init_args": {"policy": {"name_or_path": str(export), "config": None, "tokenizer": None}}}}
     (workdir / "validate.yaml").write_text(yaml.safe_dump(override))
-    output = grape("validate", "--config", str(ROOT / "configs/sft.yaml"), "--config", "override.yaml",
-                   "--config", "validate.yaml", cwd=workdir).stdout
+    _, output = grape_here("validate", "--config", str(ROOT / "configs/sft.yaml"), "--config", "override.yaml",
+                           "--config", "validate.yaml", cwd=workdir)
     reported = {name: float(re.search(rf"{name}\s*\S\s*([0-9.]+)", output).group(1)) for name in ("val/loss", "val/accuracy")}
 
     tokenizer = build_char_tokenizer()
@@ -106,8 +106,3 @@ def test_validate_on_the_export_scores_as_the_trained_model(user_run):
     expected = greedy_reward_score(model.float(), tokenizer, references, ExactMatch(), max_new_tokens=MAX_NEW_TOKENS)
     assert reported["val/accuracy"] == pytest.approx(expected.accuracy, abs=1e-6)
 
-
-def test_every_shipped_config_prints_the_run_summary():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
-        assert "grape_lightning.callbacks.RunSummary" in [c["class_path"] for c in callbacks], path.name
