@@ -18,7 +18,7 @@ SETTINGS = {
     # the verifier's reward; a value head on the policy trunk; 2 epochs (optimizer steps) per batch
     "verifier": (
         [NumericMatch()],
-        {"accuracy": "numeric_match", "value_model": "head", "kl_coef": 0.05, "advantage": GAE, "update": UpdateConfig(epochs=2)},
+        {"value_model": "head", "kl_coef": 0.05, "advantage": GAE, "update": UpdateConfig(epochs=2)},
         200,
     ),
     # the reward model alone (NumericMatch of weight 0 only measures); a separate critic; scores
@@ -26,7 +26,7 @@ SETTINGS = {
     # not chase the reward model's mistakes
     "reward_model": (
         [NumericMatch(weight=0.0), RewardModelScore("grape/tiny-addition-rm", device="cpu")],
-        {"accuracy": "numeric_match", "value_model": "separate", "kl_coef": 0.2, "advantage": GAE, "update": UpdateConfig(epochs=1), "reward_scaling": "batch"},
+        {"value_model": "separate", "kl_coef": 0.2, "advantage": GAE, "update": UpdateConfig(epochs=1), "reward_scaling": "batch"},
         100,
     ),
 }
