@@ -94,13 +94,17 @@ class WeightedSums:
             total[0] += float(value) * weight
             total[1] += weight
 
-    def reduced_means(self, sum_across: Callable[[Tensor], Tensor], device: torch.device) -> dict[str, float]:
-        """The weighted means over every process (every process calls this, in the same order)."""
+    def reduced(self, sum_across: Callable[[Tensor], Tensor], device: torch.device) -> dict[str, tuple[float, float]]:
+        """(sum_k w_k x_k, sum_k w_k) per name over every process (every process calls this, in the same order)."""
         names = sorted(self.values)
         if not names:
             return {}
         packed = sum_across(torch.tensor([self.values[name] for name in names], dtype=torch.float64, device=device))
-        return {name: total / max(weight, 1e-300) for name, (total, weight) in zip(names, packed.tolist())}
+        return {name: (total, weight) for name, (total, weight) in zip(names, packed.tolist())}
+
+    def reduced_means(self, sum_across: Callable[[Tensor], Tensor], device: torch.device) -> dict[str, float]:
+        """The weighted means over every process."""
+        return {name: total / max(weight, 1e-300) for name, (total, weight) in self.reduced(sum_across, device).items()}
 
 
 def steps_per_epoch(row_counts: list[int], mini_batch_size: int | None, micro_batch_size: int) -> list[int]:
@@ -166,9 +170,7 @@ def run_update(
             if scheduler is not None:
                 scheduler.step()
             steps += 1
-            names = sorted(step_terms.values)
-            summed = module.sum_across_processes(torch.tensor([step_terms.values[n][0] for n in names], dtype=torch.float64, device=device))
-            global_terms = dict(zip(names, summed.tolist()))
+            global_terms = {name: total for name, (total, _) in step_terms.reduced(module.sum_across_processes, device).items()}
             terms.add(global_terms)
             if stop is not None and stop(global_terms):
                 stopped = True

@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from grape_lightning.data.formatting import uses_chat_template
-from grape_lightning.models.spec import trained_model_spec
 from grape_lightning.data.resumable_loader import ResumableDataLoader
+from grape_lightning.models.spec import trained_model_spec
 
 
 class TokenizedDataModule(L.LightningDataModule):
