@@ -224,6 +224,37 @@ def hf_step_timer():
     return HFStepTimer()
 
 
+def profile_callback(steps: int, label: str, out_dir: str | None = None):
+    """A Lightning callback that runs ``torch.profiler`` over training steps 2 .. 2 + ``steps`` and
+    prints the operators that took the most device time (written to ``out_dir/profile_<label>.txt``
+    too when given): where a step's time goes."""
+    import lightning as L
+    from torch.profiler import ProfilerActivity, profile
+
+    class ProfileSteps(L.Callback):
+        def __init__(self) -> None:
+            self.profiler = None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if batch_idx == 2:
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                self.profiler = profile(activities=activities)
+                self.profiler.__enter__()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if self.profiler is not None and batch_idx == 1 + steps:
+                synchronize()
+                self.profiler.__exit__(None, None, None)
+                key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+                table = self.profiler.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+                print(f"== profile of {label}, {steps} steps\n{table}", flush=True)
+                if out_dir:
+                    Path(out_dir, f"profile_{label}.txt").write_text(table)
+                self.profiler = None
+
+    return ProfileSteps()
+
+
 def benchmark_trainer(steps: int, callbacks: list):
     """The Lightning trainer of our side of a benchmark: one device, bf16 weights, nothing but the steps."""
     import lightning as L

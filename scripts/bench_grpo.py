@@ -1,8 +1,14 @@
-"""One GRPO step of 64 prompts x 8 samples x 256 new tokens: step time split into generation,
-scoring, log-probs and update, and peak memory; with ``--peer trl`` TRL's GRPOTrainer (its default
-generation) on the same model, prompts, reward and settings, in the same call.
+"""One on-policy step of 64 prompts x 8 samples x 256 new tokens (GRPO, GRAPE and PPO): step time
+split into generation, scoring, log-probs and update, and peak memory; with ``--peer trl`` TRL's
+GRPOTrainer (its default generation) on the same model, prompts, reward and settings, in the same
+call.
 
-    python scripts/bench_grpo.py --shape qwen2.5-0.5b --peer trl
+    python scripts/bench_grpo.py --shape qwen2.5-0.5b --algorithms grpo grape ppo --peer trl
+
+GRAPE scores each response with a two-item rubric: the text reward as a verifiable item and a
+judged item from a rule-based critic (score and confidence from the text), so the step includes
+the rubric's confidence-weighted aggregation but no judging model. PPO trains a value head on the
+policy's trunk (one pass, GAE with gamma = lambda = 1), with its KL penalty off like the others.
 
 Settings on both sides: bf16 weights, prompts of 128 tokens, temperature 1, at most 256 new
 tokens, group size 8, no KL term (TRL's default beta = 0), one optimizer step per rollout batch
@@ -36,8 +42,9 @@ from bench_common import (
     write_report,
 )
 
-from grape_lightning.algorithms import GRPOModule, OptimizerConfig, SurrogateConfig, UpdateConfig
+from grape_lightning.algorithms import GRAPEModule, GRPOModule, OptimizerConfig, PPOModule, SurrogateConfig, UpdateConfig
 from grape_lightning.rewards import RewardFunction
+from grape_lightning.rewards.critics import CallableCritic
 from grape_lightning.rollout import RolloutDataModule, SamplingParams
 
 
@@ -51,6 +58,43 @@ class EvenWords(RewardFunction):
 
     def __call__(self, prompts, responses, metadata):
         return [even_share(response) for response in responses]
+
+
+def even_verifier(prompt, response, metadata):
+    """GRAPE's verifiable item: the share of even word ids."""
+    return even_share(response)
+
+
+def short_words_critic(request):
+    """GRAPE's judged item: the share of words with ids under 1000, surer the further from 1/2."""
+    words = request.response.split()
+    share = sum(len(word) <= 4 for word in words) / max(len(words), 1)
+    return share, 0.5 + abs(share - 0.5), "share of short words"
+
+
+RUBRIC = """\
+default_category: text
+categories:
+  text:
+    - {name: even, weight: 1.0, kind: verifiable, check: python, function: "bench_grpo:even_verifier"}
+    - {name: short, weight: 0.5, kind: judged, critic: short_words, question: "Are the words short?"}
+"""
+
+
+def build_module(algorithm: str, spec, workdir: Path, args):
+    sampling = SamplingParams(max_new_tokens=args.new, temperature=1.0)
+    optimizer = OptimizerConfig(lr=1e-6, weight_decay=0.0)
+    update = UpdateConfig(micro_batch_size=args.micro_batch)
+    if algorithm == "grpo":
+        return GRPOModule(spec, rewards=[EvenWords()], sampling=sampling, optimizer=optimizer,
+                          loss=SurrogateConfig(beta=0.0), update=update)
+    if algorithm == "grape":
+        rubric = workdir / "rubric.yaml"
+        rubric.write_text(RUBRIC)
+        return GRAPEModule(spec, rubric=str(rubric), critics={"short_words": CallableCritic("bench_grpo:short_words_critic")},
+                           sampling=sampling, optimizer=optimizer, loss=SurrogateConfig(beta=0.0), update=update)
+    return PPOModule(spec, rewards=[EvenWords()], sampling=sampling, optimizer=optimizer, kl_coef=0.0,
+                     update=UpdateConfig(epochs=1, micro_batch_size=args.micro_batch))
 
 
 class Stopwatch:
@@ -90,12 +134,9 @@ class StepTimer(L.Callback):
         self.steps.append(step)
 
 
-def ours(spec, prompt_file: Path, args) -> dict:
+def ours(algorithm: str, spec, prompt_file: Path, args) -> dict:
     L.seed_everything(0)
-    module = GRPOModule(
-        spec, rewards=[EvenWords()], sampling=SamplingParams(max_new_tokens=args.new, temperature=1.0),
-        optimizer=OptimizerConfig(lr=1e-6, weight_decay=0.0), loss=SurrogateConfig(beta=0.0), update=UpdateConfig(micro_batch_size=args.micro_batch),
-    )
+    module = build_module(algorithm, spec, prompt_file.parent, args)
     datamodule = RolloutDataModule(train_file=str(prompt_file), group_size=args.group, batch_size=args.prompts,
                                    max_prompt_length=args.prompt)
     stopwatch = Stopwatch()
@@ -148,6 +189,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--algorithms", nargs="+", choices=["grpo", "grape", "ppo"], default=["grpo"])
     parser.add_argument("--peer", choices=["none", "trl"], default="none")
     args = parser.parse_args()
 
@@ -160,9 +202,9 @@ def main() -> None:
     prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
 
     rows = []
-    runs = {"ours": lambda: ours(spec, prompt_file, args)}
+    runs = {f"ours-{algorithm}": (lambda algorithm=algorithm: ours(algorithm, spec, prompt_file, args)) for algorithm in args.algorithms}
     if args.peer == "trl":
-        runs["trl"] = lambda: trl_peer(spec, prompts, args)
+        runs["trl-grpo"] = lambda: trl_peer(spec, prompts, args)
     for name, run in runs.items():
         result = run()
         row = {"impl": name, "peak_gib": result["peak_gib"], "steps_timed": len(result["steps"])}
@@ -171,8 +213,10 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    if len(rows) == 2:
-        rows[0]["trl_over_ours"] = rows[1]["step_s"] / rows[0]["step_s"]
+    trl = next((row for row in rows if row["impl"] == "trl-grpo"), None)
+    for row in rows:
+        if trl is not None and row is not trl:
+            row["trl_grpo_over_ours"] = trl["step_s"] / row["step_s"]
     write_report("grpo_step", rows, {"shape": args.shape, "prompts": args.prompts, "group": args.group, "new_tokens": args.new})
 
 

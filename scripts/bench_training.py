@@ -30,6 +30,7 @@ from bench_common import (
     median,
     peak_flops,
     peak_memory_gib,
+    profile_callback,
     random_text,
     reset_peak_memory,
     save_benchmark_model,
@@ -84,13 +85,14 @@ def ours(kind: str, spec, data_file: Path, args) -> dict:
         module = DPOModule(spec, optimizer=optimizer, beta=0.1, reference_logprobs="online")
         datamodule = PreferenceDataModule(train_file=str(data_file), max_length=args.seq, batch_size=args.dpo_pairs)
     timer = StepTimer()
-    trainer = benchmark_trainer(args.warmup + args.steps, [timer])
+    callbacks = [timer] + ([profile_callback(args.profile, f"{kind}_ours", args.out)] if args.profile else [])
+    trainer = benchmark_trainer(args.warmup + args.steps, callbacks)
     reset_peak_memory()
     trainer.fit(module, datamodule)
     return {"seconds": timer.seconds[args.warmup:], "peak_gib": peak_memory_gib()}
 
 
-def trl_peer(kind: str, spec, rows: list[dict], args) -> dict:
+def trl_peer(kind: str, spec, rows: list[dict], args, liger: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
@@ -102,6 +104,7 @@ def trl_peer(kind: str, spec, rows: list[dict], args) -> dict:
         output_dir=tempfile.mkdtemp(), max_steps=args.warmup + args.steps, learning_rate=1e-5, weight_decay=0.0,
         bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, logging_steps=10_000, save_strategy="no", report_to="none",
         dataloader_num_workers=0, max_length=args.seq, lr_scheduler_type="constant", warmup_steps=0,
+        use_liger_kernel=liger,
     )
     timer = hf_step_timer()
     if kind == "sft":
@@ -126,11 +129,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--kinds", nargs="+", default=["sft", "dpo"])
-    parser.add_argument("--peer", choices=["none", "trl"], default="none")
+    parser.add_argument("--peer", nargs="+", choices=["none", "trl", "trl-liger"], default=["none"],
+                        help="peers run in the same call: TRL, TRL with its Liger kernels")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="our decoder layers compiled (ModelSpec.compile)")
+    parser.add_argument("--profile", type=int, default=0, help="profile this many of our steps (after 2) and print the top operators")
+    parser.add_argument("--out", default=None, help="folder for profile tables")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp())
     spec = save_benchmark_model(args.shape, workdir)
+    spec.compile = {"auto": None, "on": True, "off": False}[args.compile]
     config = QWEN25_SHAPES[args.shape]
     flops_per_token = training_flops_per_token(config, args.seq)
     rows = []
@@ -140,8 +148,10 @@ def main() -> None:
         data_file = write_rows(workdir / f"{kind}.jsonl", data)
         tokens_per_step = args.seq * (args.sft_batch if kind == "sft" else 2 * args.dpo_pairs)
         runs = {"ours": lambda: ours(kind, spec, data_file, args)}
-        if args.peer == "trl":
+        if "trl" in args.peer:
             runs["trl"] = lambda: trl_peer(kind, spec, data, args)
+        if "trl-liger" in args.peer:
+            runs["trl-liger"] = lambda: trl_peer(kind, spec, data, args, liger=True)
         results = {}
         for name, run in runs.items():
             result = run()
@@ -155,10 +165,10 @@ def main() -> None:
             })
             print(rows[-1], flush=True)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        if "trl" in results:
-            rows[-1]["ours_over_trl"] = results["ours"] / results["trl"]
-            rows[-2]["ours_over_trl"] = results["ours"] / results["trl"]
-    write_report("training", rows, {"shape": args.shape, "seq": args.seq, "sft_batch": args.sft_batch, "dpo_pairs": args.dpo_pairs})
+        for row in rows[-len(runs):]:
+            row.update({f"ours_over_{peer}": results["ours"] / results[peer] for peer in results if peer != "ours"})
+    write_report("training", rows, {"shape": args.shape, "seq": args.seq, "sft_batch": args.sft_batch, "dpo_pairs": args.dpo_pairs,
+                                    "compile": args.compile})
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer, fused_optimizer_allowed
+from grape_lightning.models.compile import compile_decoder_layers, compile_wanted
 from grape_lightning.models.policy_mixin import PolicyModelsMixin
 from grape_lightning.models.sharding import shard_causal_lm, shard_value_model
 
@@ -113,6 +114,13 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
         if self.value_model is not None:
             shard_value_model(self.value_model, data_parallel, trunk_sharded=self.value_model.trunk is self.policy.base_model)
         self._sharded = True
+
+    def on_fit_start(self) -> None:
+        """Compile the decoder layers of the policy and the reference (``ModelSpec.compile``)."""
+        if compile_wanted(self.policy_spec, self.device, self.trainer.strategy):
+            for model in (self.policy, self.reference):
+                if isinstance(model, nn.Module):
+                    compile_decoder_layers(model)
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps the schedule spans (the Trainer's estimate unless a subclass knows better)."""

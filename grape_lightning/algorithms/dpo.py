@@ -131,6 +131,7 @@ class DPOModule(PolicyModule):
         return torch.cat(values) if values else torch.zeros(0, 2)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.reference_mode != "precompute" or self.reference_cache:
             return  # online, or restored from a checkpoint (never recomputed with trained weights)
         datamodule = self.trainer.datamodule

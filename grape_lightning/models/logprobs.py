@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from grape_lightning.models.head_chunk import chunk_logit_grad, chunk_statistics, fused
+
 
 @dataclass
 class TokenLogprobs:
@@ -83,7 +85,9 @@ class LinearHeadLogprobs(torch.autograd.Function):
 
     so one matrix product is recomputed per chunk (autograd with activation checkpointing would
     rerun the whole forward of the chunk and then differentiate every elementwise step of it).
-    Returns (log-probs, entropies or an empty tensor, top-1 flags or an empty tensor).
+    The elementwise work of a chunk (:mod:`grape_lightning.models.head_chunk`) is fused into a few
+    kernels on a GPU. Returns (log-probs, entropies or an empty tensor, top-1 flags or an empty
+    tensor).
     """
 
     @staticmethod
@@ -95,17 +99,17 @@ class LinearHeadLogprobs(torch.autograd.Function):
         log_normalisers = hidden.new_empty(rows, dtype=dtype)
         entropy = hidden.new_empty(rows if with_entropy else 0, dtype=dtype)
         top1 = torch.empty(rows if with_top1 else 0, dtype=torch.bool, device=hidden.device)
+        statistics = fused(chunk_statistics, hidden.device)
         for start in range(0, rows, chunk_size):
             chunk = slice(start, start + chunk_size)
-            logits = head_logits(hidden[chunk], weight_head(weight), temperature)
-            log_normaliser = torch.logsumexp(logits, dim=-1)
-            target_logits = logits.gather(-1, targets[chunk, None]).squeeze(-1)
-            logprobs[chunk] = target_logits - log_normaliser
-            log_normalisers[chunk] = log_normaliser
+            chunk_logprobs, chunk_normalisers, chunk_entropy, chunk_top1 = statistics(
+                hidden[chunk] @ weight.t(), targets[chunk], temperature, with_entropy, with_top1
+            )
+            logprobs[chunk], log_normalisers[chunk] = chunk_logprobs, chunk_normalisers
             if with_entropy:
-                entropy[chunk] = log_normaliser - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+                entropy[chunk] = chunk_entropy
             if with_top1:
-                top1[chunk] = target_logits >= logits.max(dim=-1).values
+                top1[chunk] = chunk_top1
         ctx.save_for_backward(hidden, weight, targets, log_normalisers, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(top1)
@@ -114,22 +118,24 @@ class LinearHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_top1):  # type: ignore[override]
         hidden, weight, targets, log_normalisers, entropy = ctx.saved_tensors
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        if grad_logprobs is None and (grad_entropy is None or entropy.numel() == 0):
+        if grad_entropy is not None and entropy.numel() == 0:
+            grad_entropy = None
+        if grad_logprobs is None and grad_entropy is None:
+            if grad_hidden is not None:
+                grad_hidden.zero_()
             return grad_hidden, grad_weight, None, None, None, None, None
+        logit_grad = fused(chunk_logit_grad, hidden.device)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             chunk = slice(start, start + ctx.chunk_size)
-            logits = head_logits(hidden[chunk], weight_head(weight), ctx.temperature)
-            log_probs = logits - log_normalisers[chunk, None]
-            probs = log_probs.exp()
-            grad_logits = torch.zeros_like(logits)
-            if grad_entropy is not None and entropy.numel():
-                grad_logits -= grad_entropy[chunk, None] * probs * (log_probs + entropy[chunk, None])
-            if grad_logprobs is not None:
-                grad_logits -= grad_logprobs[chunk, None] * probs
-                grad_logits.scatter_add_(-1, targets[chunk, None], grad_logprobs[chunk, None])
-            grad_logits = (grad_logits / ctx.temperature).to(hidden.dtype)
+            grad_logits = logit_grad(
+                hidden[chunk] @ weight.t(), targets[chunk], log_normalisers[chunk],
+                None if grad_logprobs is None else grad_logprobs[chunk],
+                None if grad_entropy is None else entropy[chunk],
+                None if grad_entropy is None else grad_entropy[chunk],
+                ctx.temperature,
+            )
             if grad_hidden is not None:
                 grad_hidden[chunk] = grad_logits @ weight
             if grad_weight is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import nn
 
 
-def _decoder_layers(trunk: nn.Module) -> list[nn.Module]:
+def decoder_layers(trunk: nn.Module) -> list[nn.Module]:
     for name in ("layers", "h", "blocks"):
         layers = getattr(trunk, name, None)
         if isinstance(layers, nn.ModuleList):
@@ -37,7 +37,7 @@ def shard_causal_lm(model: nn.Module, mesh) -> None:
     trunk = model.base_model
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
-    for layer in _decoder_layers(trunk):
+    for layer in decoder_layers(trunk):
         fully_shard(layer, mesh=mesh)
     if head is not None and head.weight is embedding.weight:
         fully_shard([embedding, head], mesh=mesh, reshard_after_forward=False)
@@ -52,7 +52,7 @@ def shard_value_model(value_model: nn.Module, mesh, trunk_sharded: bool) -> None
 
     if not trunk_sharded:
         trunk = value_model.trunk
-        for layer in _decoder_layers(trunk):
+        for layer in decoder_layers(trunk):
             fully_shard(layer, mesh=mesh)
         fully_shard(trunk, mesh=mesh)
     fully_shard(value_model.head, mesh=mesh)
@@ -63,7 +63,7 @@ def shard_sequence_scorer(model: nn.Module, mesh) -> None:
     from torch.distributed.fsdp import fully_shard
 
     trunk = model.base_model
-    for layer in _decoder_layers(trunk):
+    for layer in decoder_layers(trunk):
         fully_shard(layer, mesh=mesh)
     fully_shard(trunk, mesh=mesh)
     fully_shard(model.score, mesh=mesh)

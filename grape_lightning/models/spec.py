@@ -45,6 +45,9 @@ class ModelSpec:
             plain text.
         from_pretrained_kwargs: extra keyword arguments passed to ``from_pretrained``.
         lora: train LoRA adapters with this configuration instead of every weight (needs peft).
+        compile: compile the decoder layers with ``torch.compile`` for training (fused elementwise
+            kernels; the first step of each new shape compiles). None: on a CUDA device under a
+            single-device or DDP strategy without LoRA; False: never; True: on any device.
     """
 
     name_or_path: str | None = None
@@ -58,6 +61,7 @@ class ModelSpec:
     chat_template: bool | None = None
     from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
     lora: LoRAConfig | None = None
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):  # as stored in checkpoints

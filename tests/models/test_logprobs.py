@@ -124,3 +124,61 @@ def test_a_head_gathered_per_call_is_called_once_whatever_the_number_of_rows(mod
     expected = response_logprobs(model64, input_ids, response_mask, attention_mask, chunk_size=3)
     assert calls == [int(response_mask[:, 1:].sum())]
     torch.testing.assert_close(out.logprobs, expected.logprobs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused chunk kernels are compiled for a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_chunk_kernels_match_plain_tensor_code(dtype):
+    """The compiled chunk statistics and logit gradient equal the plain code on the same inputs
+    (float32: to rounding; bfloat16 logits: the gradient's one rounding to bfloat16), for a
+    vocabulary and chunk shape of a real model, the last chunk shorter."""
+    from grape_lightning.models.head_chunk import chunk_logit_grad, chunk_statistics, fused
+
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    for rows in (1024, 333):
+        logits = (4 * torch.randn(rows, 151_936, device=device, generator=generator)).to(dtype)
+        targets = torch.randint(0, 151_936, (rows,), device=device, generator=generator)
+        grad_logprobs, grad_entropy = torch.randn(2, rows, device=device, generator=generator)
+        for temperature in (1.0, 0.7):
+            expected = chunk_statistics(logits, targets, temperature, True, True)
+            got = fused(chunk_statistics, device)(logits, targets, temperature, True, True)
+            for name, want, have in zip(("logprobs", "log_normaliser", "entropy"), expected[:3], got[:3]):
+                torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-4, msg=name)
+            assert torch.equal(got[3], expected[3])
+            want = chunk_logit_grad(logits, targets, expected[1], grad_logprobs, expected[2], grad_entropy, temperature)
+            have = fused(chunk_logit_grad, device)(logits, targets, expected[1], grad_logprobs, expected[2], grad_entropy, temperature)
+            tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-5}
+            torch.testing.assert_close(have, want, **tolerance)
+            only_logprobs = fused(chunk_logit_grad, device)(logits, targets, expected[1], grad_logprobs, None, None, temperature)
+            torch.testing.assert_close(
+                only_logprobs, chunk_logit_grad(logits, targets, expected[1], grad_logprobs, None, None, temperature), **tolerance
+            )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused chunk kernels are compiled for a CUDA device")
+def test_fused_linear_head_matches_float64_on_gpu():
+    """Log-probs, entropies and gradients of the fused CUDA path against a float64 full log-softmax."""
+    from grape_lightning.models.logprobs import LinearHeadLogprobs
+
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(1)
+    hidden = torch.randn(2500, 256, device=device, generator=generator, requires_grad=True)
+    weight = (0.2 * torch.randn(30_000, 256, device=device, generator=generator)).requires_grad_()
+    targets = torch.randint(0, 30_000, (2500,), device=device, generator=generator)
+    upstream = torch.randn(2, 2500, device=device, generator=generator)
+    logprobs, entropy, _ = LinearHeadLogprobs.apply(hidden, weight, targets, 0.8, 1024, True, False)
+    (logprobs * upstream[0] + entropy * upstream[1]).sum().backward()
+
+    hidden64, weight64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    log_p = torch.log_softmax(hidden64 @ weight64.t() / 0.8, dim=-1)
+    logprobs64 = log_p.gather(-1, targets[:, None]).squeeze(-1)
+    entropy64 = -(log_p.exp() * log_p).sum(-1)
+    (logprobs64 * upstream[0] + entropy64 * upstream[1]).sum().backward()
+    # float32 operands through the matrix units (tf32 off by default): relative error near 1e-6
+    torch.testing.assert_close(logprobs.double(), logprobs64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(entropy.double(), entropy64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hidden.grad.double(), hidden64.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-3, atol=1e-4)
