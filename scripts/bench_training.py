@@ -141,32 +141,33 @@ def main() -> None:
     spec.compile = {"auto": None, "on": True, "off": False}[args.compile]
     config = QWEN25_SHAPES[args.shape]
     flops_per_token = training_flops_per_token(config, args.seq)
-    rows = []
+    data = {}
     for kind in args.kinds:
         count = (args.warmup + args.steps) * (args.sft_batch if kind == "sft" else args.dpo_pairs)
-        data = make_rows(kind, count, args.seq, config["vocab_size"])
-        data_file = write_rows(workdir / f"{kind}.jsonl", data)
-        tokens_per_step = args.seq * (args.sft_batch if kind == "sft" else 2 * args.dpo_pairs)
-        runs = {"ours": lambda: ours(kind, spec, data_file, args)}
-        if "trl" in args.peer:
-            runs["trl"] = lambda: trl_peer(kind, spec, data, args)
-        if "trl-liger" in args.peer:
-            runs["trl-liger"] = lambda: trl_peer(kind, spec, data, args, liger=True)
-        results = {}
-        for name, run in runs.items():
-            result = run()
-            step = median(result["seconds"])
-            tokens_per_s = tokens_per_step / step
-            results[name] = tokens_per_s
+        data[kind] = make_rows(kind, count, args.seq, config["vocab_size"])
+        write_rows(workdir / f"{kind}.jsonl", data[kind])
+    runs = {"ours": lambda kind: ours(kind, spec, workdir / f"{kind}.jsonl", args)}
+    if "trl" in args.peer:
+        runs["trl"] = lambda kind: trl_peer(kind, spec, data[kind], args)
+    if "trl-liger" in args.peer:
+        # last: TRL's Liger option patches the model classes of transformers for the whole process
+        runs["trl-liger"] = lambda kind: trl_peer(kind, spec, data[kind], args, liger=True)
+    rows = []
+    for name, run in runs.items():
+        for kind in args.kinds:
+            result = run(kind)
+            tokens_per_s = args.seq * (args.sft_batch if kind == "sft" else 2 * args.dpo_pairs) / median(result["seconds"])
             rows.append({
-                "kind": kind, "impl": name, "step_s": step, "tokens_per_s": tokens_per_s,
+                "kind": kind, "impl": name, "step_s": median(result["seconds"]), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * flops_per_token / peak_flops(), "peak_gib": result["peak_gib"],
                 "steps_timed": len(result["seconds"]),
             })
             print(rows[-1], flush=True)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        for row in rows[-len(runs):]:
-            row.update({f"ours_over_{peer}": results["ours"] / results[peer] for peer in results if peer != "ours"})
+    ours_rate = {row["kind"]: row["tokens_per_s"] for row in rows if row["impl"] == "ours"}
+    for row in rows:
+        if row["impl"] != "ours":
+            row["ours_over_peer"] = ours_rate[row["kind"]] / row["tokens_per_s"]
     write_report("training", rows, {"shape": args.shape, "seq": args.seq, "sft_batch": args.sft_batch, "dpo_pairs": args.dpo_pairs,
                                     "compile": args.compile})
 

@@ -7,12 +7,14 @@ from torch import Tensor
 
 from grape_lightning.algorithms.base import PolicyModule, as_dataclass, log_stage
 from grape_lightning.algorithms.optim import OptimizerConfig
-from grape_lightning.losses.sft import sft_loss
+from grape_lightning.losses.sft import sft_token_weights
 from grape_lightning.models.spec import ModelSpec
 
 
 class SFTModule(PolicyModule):
-    """Completion-only SFT: L = -mean over response tokens of log pi_theta(y_t | x, y_<t).
+    """Completion-only SFT: L = -mean over response tokens of log pi_theta(y_t | x, y_<t)
+    (:func:`~grape_lightning.losses.sft.sft_loss`, computed as its linear form
+    :func:`~grape_lightning.losses.sft.sft_token_weights`).
 
     Batches come from :class:`~grape_lightning.data.sft.SFTDataModule` (padded or packed).
     Logs ``train/loss``, ``train/token_accuracy`` and the same under ``val/``.
@@ -37,17 +39,17 @@ class SFTModule(PolicyModule):
         self.logprob_chunk_size = logprob_chunk_size
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        token = self.policy_logprobs(batch, chunk_size=self.logprob_chunk_size, with_top1=True)
         mask = batch["response_mask"].bool()
-        # The token mean of the global batch: sums over every rank's tokens (one all-reduce); each
-        # rank's loss is normalised by the global count times the processes, whose gradient
-        # average the strategy takes.
-        summed = torch.stack([-(token.logprobs.detach() * mask).sum(), (token.top1 & mask).sum(), mask.sum()]).double()
-        nll, correct, num_tokens = self.sum_across_processes(summed).tolist()
-        loss, _ = sft_loss(token.logprobs, mask, num_tokens=num_tokens / self.data_parallel_size)
+        # The token mean of the global batch: normalised by every rank's tokens (one all-reduce)
+        # times the processes, whose gradient average the strategy takes. The loss is linear in
+        # the log-probs, so the LM head computes its gradient in the forward.
+        num_tokens = float(self.sum_across_processes(mask.sum().double()))
+        weights = sft_token_weights(mask, num_tokens / self.data_parallel_size)
+        token = self.policy_logprobs(batch, chunk_size=self.logprob_chunk_size, with_top1=True, linear_loss_weights=weights)
+        nll, correct = self.sum_across_processes(torch.stack([-(token.logprobs.detach() * mask).sum(), (token.top1 & mask).sum()]).double()).tolist()
         # Weighted by response tokens, so epoch values are exact token means across batches.
         log_stage(self, stage, {"loss": nll / max(num_tokens, 1.0), "token_accuracy": correct / max(num_tokens, 1.0)}, int(num_tokens))
-        return loss
+        return token.linear_loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")

@@ -7,9 +7,9 @@ from grape_lightning.losses.dpo import dpo_loss
 from grape_lightning.losses.grpo import grpo_loss
 from grape_lightning.losses.kl import kl_penalty
 from grape_lightning.losses.reinforce import reinforce_loss
-from grape_lightning.losses.sft import sft_loss
+from grape_lightning.losses.sft import sft_loss, sft_token_weights
 
 __all__ = [
     "aggregate", "bradley_terry_loss", "clipped_surrogate", "dpo_loss", "grpo_loss", "kl_penalty",
-    "reinforce_loss", "sft_loss",
+    "reinforce_loss", "sft_loss", "sft_token_weights",
 ]

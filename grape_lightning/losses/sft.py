@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -26,3 +27,14 @@ def sft_loss(
     denominator = count.clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
     loss = -(logprobs * mask).sum() / denominator
     return loss, {"loss": loss.detach(), "num_response_tokens": count}
+
+
+def sft_token_weights(response_mask: Tensor, num_tokens: int | float, dtype=None) -> Tensor:
+    """The same loss written as L = sum_{b,t} w_bt l_bt, linear in the log-probs:
+
+        w_bt = -m_bt / max(num_tokens, 1)
+
+    so the LM head can compute its gradient in the forward
+    (:func:`~grape_lightning.models.logprobs.response_logprobs` with ``linear_loss_weights``).
+    """
+    return -response_mask.to(dtype or torch.float64) / max(float(num_tokens), 1.0)

@@ -30,6 +30,7 @@ class TokenLogprobs:
     entropy: Tensor | None = None
     top1: Tensor | None = None
     hidden: Tensor | None = None  # [batch, time, hidden]: the trunk's last hidden states (``with_hidden``)
+    linear_loss: Tensor | None = None  # sum_t w_t logprobs_t for ``linear_loss_weights`` w: the only differentiable output then
 
 
 def head_logits(
@@ -139,7 +140,54 @@ class LinearHeadLogprobs(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[chunk] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight += grad_logits.t() @ hidden[chunk]
+                grad_weight.addmm_(grad_logits.t(), hidden[chunk])  # accumulated in the product's epilogue
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+class LinearHeadLinearLoss(torch.autograd.Function):
+    """A loss linear in the log-probs with weights known before the forward,
+
+        L = sum_i w_i l_i,        dL/dz_i = w_i (onehot(y_i) - p_i)
+
+    (SFT's mean negative log-likelihood: w_i = -1/N on each of its N response tokens), with l_i as
+    in :class:`LinearHeadLogprobs`. As the weights are known, each chunk's gradient is written in
+    the forward, from the logits it has just computed: no chunk is recomputed in the backward,
+    which only scales the stored gradients by dL's upstream gradient. Returns (L, the log-probs,
+    top-1 flags or an empty tensor); only L is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, row_weights, temperature, chunk_size, with_top1):  # type: ignore[override]
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        rows = hidden.shape[0]
+        logprobs = hidden.new_empty(rows, dtype=dtype)
+        top1 = torch.empty(rows if with_top1 else 0, dtype=torch.bool, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        statistics = fused(chunk_statistics, hidden.device)
+        logit_grad = fused(chunk_logit_grad, hidden.device)
+        for start in range(0, rows, chunk_size):
+            chunk = slice(start, start + chunk_size)
+            logits = hidden[chunk] @ weight.t()
+            logprobs[chunk], log_normaliser, _, chunk_top1 = statistics(logits, targets[chunk], temperature, False, with_top1)
+            if with_top1:
+                top1[chunk] = chunk_top1
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad_logits = logit_grad(logits, targets[chunk], log_normaliser, row_weights[chunk].to(dtype), None, None, temperature)
+            if grad_hidden is not None:
+                grad_hidden[chunk] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), hidden[chunk])
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(logprobs, top1)
+        return (row_weights.to(dtype) * logprobs).sum(), logprobs, top1
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logprobs, _grad_top1):  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
+        grad_weight = None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
@@ -196,6 +244,7 @@ def response_logprobs(
     with_entropy: bool = False,
     with_top1: bool = False,
     with_hidden: bool = False,
+    linear_loss_weights: Tensor | None = None,
 ) -> TokenLogprobs:
     """Log-probs of the tokens where ``response_mask`` is set, computed from a Hugging Face causal LM.
 
@@ -212,6 +261,10 @@ def response_logprobs(
         temperature: divides the logits, as the sampler did.
         chunk_size: rows of the LM head evaluated at once.
         with_hidden: also return the trunk's hidden states, for a value head on the same trunk.
+        linear_loss_weights: [batch, time] weights w of a loss linear in the log-probs,
+            L = sum_t w_t logprobs_t (SFT: -response_mask / N), returned as ``linear_loss``; with a
+            plain linear head its gradient is computed in the forward (:class:`LinearHeadLinearLoss`),
+            and the returned log-probs carry no gradient.
     """
     if position_ids is None and attention_mask is not None:
         position_ids = positions_from_mask(attention_mask)
@@ -225,16 +278,28 @@ def response_logprobs(
     head = model.get_output_embeddings()
     softcap = final_logit_softcap(model)
 
+    if softcap is None and _plain_linear_head(head) and linear_loss_weights is not None and not with_entropy:
+        weight_rows = linear_loss_weights[:, 1:][scored]
+        linear_loss, logprob_rows, top1_rows = LinearHeadLinearLoss.apply(
+            hidden_rows, head.weight, target_rows, weight_rows, temperature, chunk_size, with_top1
+        )
+        return TokenLogprobs(
+            logprobs=_scatter_rows(logprob_rows, scored),
+            top1=_scatter_rows(top1_rows, scored) if with_top1 else None,
+            hidden=hidden if with_hidden else None,
+            linear_loss=linear_loss,
+        )
+
     if softcap is None and _plain_linear_head(head):
         logprob_rows, entropy_rows, top1_rows = LinearHeadLogprobs.apply(
             hidden_rows, head.weight, target_rows, temperature, chunk_size, with_entropy, with_top1
         )
-        return TokenLogprobs(
+        return _with_linear_loss(TokenLogprobs(
             logprobs=_scatter_rows(logprob_rows, scored),
             entropy=_scatter_rows(entropy_rows, scored) if with_entropy else None,
             top1=_scatter_rows(top1_rows, scored) if with_top1 else None,
             hidden=hidden if with_hidden else None,
-        )
+        ), linear_loss_weights)
 
     # any other head (soft-capped logits, an adapter, a sharded weight): checkpointed chunks, or one
     # chunk of all rows (and one call even with none) where the sharding needs it
@@ -255,12 +320,19 @@ def response_logprobs(
         logprob_rows = entropy_rows = hidden_rows.new_zeros(0, dtype=dtype)
         top1_rows = torch.zeros(0, dtype=torch.bool, device=hidden.device)
 
-    return TokenLogprobs(
+    return _with_linear_loss(TokenLogprobs(
         logprobs=_scatter_rows(logprob_rows, scored),
         entropy=_scatter_rows(entropy_rows, scored) if with_entropy else None,
         top1=_scatter_rows(top1_rows, scored) if with_top1 else None,
         hidden=hidden if with_hidden else None,
-    )
+    ), linear_loss_weights)
+
+
+def _with_linear_loss(token: TokenLogprobs, weights: Tensor | None) -> TokenLogprobs:
+    """Adds L = sum_t w_t logprobs_t through autograd (the paths that keep differentiable log-probs)."""
+    if weights is not None:
+        token.linear_loss = (weights.to(token.logprobs.dtype) * token.logprobs).sum()
+    return token
 
 
 def _scatter_rows(rows: Tensor, scored: Tensor) -> Tensor:

@@ -182,3 +182,49 @@ def test_fused_linear_head_matches_float64_on_gpu():
     torch.testing.assert_close(entropy.double(), entropy64, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(hidden.grad.double(), hidden64.grad, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 4096])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_linear_loss_gradient_in_the_forward_equals_autograd_through_the_log_probs(model64, chunk_size, temperature):
+    """SFT's loss as sum_t w_t l_t with w = -mask/N: the head's in-forward gradient gives the same
+    loss, log-probs, top-1 flags and parameter gradients as autograd through the log-probs with
+    the plain loss, in float64."""
+    from grape_lightning.losses.sft import sft_loss, sft_token_weights
+
+    input_ids, attention_mask, response_mask = _random_batch(model64.config.vocab_size, seed=3)
+    model64.zero_grad()
+    plain = response_logprobs(model64, input_ids, response_mask, attention_mask, chunk_size=chunk_size, temperature=temperature, with_top1=True)
+    plain_loss, _ = sft_loss(plain.logprobs, response_mask, num_tokens=11.0)
+    plain_loss.backward()
+    plain_grads = [p.grad.clone() for p in model64.parameters()]
+
+    model64.zero_grad()
+    weights = sft_token_weights(response_mask, 11.0)
+    fused = response_logprobs(model64, input_ids, response_mask, attention_mask, chunk_size=chunk_size, temperature=temperature,
+                              with_top1=True, linear_loss_weights=weights)
+    assert not fused.logprobs.requires_grad  # the head's path: only the loss carries the gradient
+    fused.linear_loss.backward()
+    torch.testing.assert_close(fused.linear_loss, plain_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused.logprobs, plain.logprobs.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(fused.top1, plain.top1)
+    for got, want in zip((p.grad for p in model64.parameters()), plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_loss_scales_its_stored_gradients_by_the_upstream_gradient():
+    from grape_lightning.models.logprobs import LinearHeadLinearLoss
+
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(37, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=generator)
+    row_weights = torch.randn(37, dtype=torch.float64, generator=generator)
+    loss, logprobs, _ = LinearHeadLinearLoss.apply(hidden, weight, targets, row_weights, 0.9, 10, False)
+    (-2.5 * loss).backward()
+    hidden64, weight64 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    expected = torch.log_softmax(hidden64 @ weight64.t() / 0.9, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    (-2.5 * (row_weights * expected).sum()).backward()
+    torch.testing.assert_close(logprobs, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hidden.grad, hidden64.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weight.grad, weight64.grad, rtol=1e-12, atol=1e-12)
