@@ -35,6 +35,7 @@ from bench_common import (
     hf_step_timer,
     median,
     peak_memory_gib,
+    profile_callback,
     random_text,
     reset_peak_memory,
     save_benchmark_model,
@@ -145,7 +146,8 @@ def ours(algorithm: str, spec, prompt_file: Path, args) -> dict:
     stopwatch.wrap(module.collector, "logprobs", "logprobs_s")
     stopwatch.wrap(module, "update", "update")
     timer = StepTimer(stopwatch)
-    trainer = benchmark_trainer(args.warmup + args.steps, [timer])
+    profiler = [profile_callback(1, f"{algorithm}_step", args.out)] if args.profile else []
+    trainer = benchmark_trainer(args.warmup + args.steps, [timer, *profiler])
     reset_peak_memory()
     trainer.fit(module, datamodule)
     return {"steps": timer.steps[args.warmup:], "peak_gib": peak_memory_gib()}
@@ -191,6 +193,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--algorithms", nargs="+", choices=["grpo", "grape", "ppo"], default=["grpo"])
     parser.add_argument("--peer", choices=["none", "trl"], default="none")
+    parser.add_argument("--profile", action="store_true", help="profile our third step and print the top operators")
+    parser.add_argument("--out", default=None, help="folder for profile tables")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp())

@@ -137,6 +137,11 @@ def test_fused_chunk_kernels_match_plain_tensor_code(dtype):
 
     device = torch.device("cuda")
     generator = torch.Generator(device=device).manual_seed(0)
+    bound = 1e-5 if dtype == torch.float32 else 1e-2  # float32 rounding; one bfloat16 rounding of the gradient
+
+    def relative_error(got, want):
+        return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
     for rows in (1024, 333):
         logits = (4 * torch.randn(rows, 151_936, device=device, generator=generator)).to(dtype)
         targets = torch.randint(0, 151_936, (rows,), device=device, generator=generator)
@@ -145,16 +150,12 @@ def test_fused_chunk_kernels_match_plain_tensor_code(dtype):
             expected = chunk_statistics(logits, targets, temperature, True, True)
             got = fused(chunk_statistics, device)(logits, targets, temperature, True, True)
             for name, want, have in zip(("logprobs", "log_normaliser", "entropy"), expected[:3], got[:3]):
-                torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-4, msg=name)
-            assert torch.equal(got[3], expected[3])
-            want = chunk_logit_grad(logits, targets, expected[1], grad_logprobs, expected[2], grad_entropy, temperature)
-            have = fused(chunk_logit_grad, device)(logits, targets, expected[1], grad_logprobs, expected[2], grad_entropy, temperature)
-            tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-5}
-            torch.testing.assert_close(have, want, **tolerance)
-            only_logprobs = fused(chunk_logit_grad, device)(logits, targets, expected[1], grad_logprobs, None, None, temperature)
-            torch.testing.assert_close(
-                only_logprobs, chunk_logit_grad(logits, targets, expected[1], grad_logprobs, None, None, temperature), **tolerance
-            )
+                assert relative_error(have, want) < 1e-5, (name, rows, temperature, relative_error(have, want))
+            assert (got[3] != expected[3]).sum() <= 1  # a near-tie with the maximum may flip
+            for upstream in ((grad_logprobs, expected[2], grad_entropy), (grad_logprobs, None, None)):
+                want = chunk_logit_grad(logits, targets, expected[1], upstream[0], upstream[1], upstream[2], temperature)
+                have = fused(chunk_logit_grad, device)(logits, targets, expected[1], upstream[0], upstream[1], upstream[2], temperature)
+                assert have.dtype == dtype and relative_error(have, want) < bound, (rows, temperature, relative_error(have, want))
 
 
 @pytest.mark.gpu
