@@ -1,4 +1,6 @@
-"""Sampling parameters and the next-token sampler (temperature, top-k, top-p)."""
+"""Sampling parameters and the next-token samplers (temperature, top-k, top-p): by
+``torch.multinomial`` over the probabilities, or by the Gumbel-max trick (no host synchronisation,
+nothing data-dependent: it can be recorded in a CUDA graph)."""
 
 from __future__ import annotations
 
@@ -81,4 +83,37 @@ def sample_next_token(logits: Tensor, params: SamplingParams, generator: torch.G
         filtered = _truncate(logits / params.temperature, params.top_k, params.top_p)
         probs = torch.softmax(filtered, dim=-1)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def gumbel_max_next_token(
+    logits: Tensor, params: SamplingParams, generator: torch.Generator | None, temperature: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_next_token`'s distribution drawn by the Gumbel-max trick.
+
+    With ``f = truncate(z / T)`` (top-k / top-p logits set to -inf) and ``E_i ~ Exp(1)`` i.i.d.,
+
+        argmax_i (f_i - log E_i) = argmax_i (log softmax(f)_i + G_i),   G_i = -log E_i ~ Gumbel(0, 1),
+
+    is an exact sample of softmax(f): token i wins with probability exp(f_i) / sum_j exp(f_j).
+    Greedy decoding is argmax_i z_i. The log-prob returned is log softmax(z / T_lp)_token, with
+    T_lp = :attr:`SamplingParams.logprob_temperature`, as :func:`sample_next_token` returns it.
+
+    ``temperature``: T_lp as a tensor of shape [1], read when the kernels run rather than when
+    they are launched, so that a recorded graph follows a new temperature (it must hold
+    ``params.logprob_temperature``); by default it is made from ``params``.
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    if temperature is None:
+        temperature = torch.full((1,), params.logprob_temperature, dtype=dtype, device=logits.device)
+    scaled = logits / temperature  # a [1] tensor takes part in type promotion: one kernel to float32
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    if params.greedy:
+        tokens = scaled.argmax(dim=-1)
+    else:
+        filtered = _truncate(scaled, params.top_k, params.top_p)
+        noise = torch.empty_like(filtered).exponential_(generator=generator)
+        if noise.device.type != "cuda":  # the CPU draw can be exactly 0 (log 0 = -inf); CUDA's never is
+            noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        tokens = filtered.sub_(noise.log_()).argmax(dim=-1)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -225,6 +225,11 @@ class StaticCacheDecoder:
             lambda i, layer, h, cos, sin: self._decode_attention(i, layer, h, cos, sin, mask),
         )
 
+    def step(self) -> Tensor:
+        """Logits [batch, vocab] after feeding :attr:`tokens` at :attr:`positions` into cache slot
+        :attr:`slot` (the fixed input tensors, which a recorded graph reads)."""
+        return self._step()
+
     def decode(self, tokens: Tensor, positions: Tensor, slot: int) -> Tensor:
         """Logits [batch, vocab] after feeding ``tokens`` at ``positions`` into cache slot ``slot``."""
         self.tokens.copy_(tokens)
@@ -242,17 +247,27 @@ class StaticCacheDecoder:
 
     def capture(self, pool: object | None = None) -> None:
         """Record one decode step as a CUDA graph (before :meth:`prefill`: warming up writes a slot)."""
+        self.graph, self.graph_logits = self.record(self._step, pool)
+
+    def record(self, step, pool: object | None = None, generator: torch.Generator | None = None):
+        """Record ``step()`` (a decode step and what follows it) as a CUDA graph; returns (graph,
+        its output). ``generator``: a CUDA generator that ``step`` draws from, registered with the
+        graph so that each replay draws fresh numbers from its current state (the default
+        generator always is). Call before :meth:`prefill`: warming up writes a cache slot."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # kernels choose their algorithms and allocate workspaces outside the graph
-                self._step()
+                step()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)
         # thread_local: other threads of the process (pinned-memory data loading, the NCCL watchdog)
         # keep making CUDA calls during the capture, which the default global mode would fail on
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.graph_logits = self._step()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            output = step()
+        return graph, output
 
 
 def weights_fingerprint(model: nn.Module) -> tuple[int, ...]:
