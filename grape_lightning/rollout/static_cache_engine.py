@@ -39,7 +39,7 @@ class StaticCacheEngine:
     - ``cuda_graphs``: on a CUDA device, each decode step is a replay of one recorded graph.
       Graphs and caches of the last ``keep`` shapes are kept (:meth:`release` frees them).
     - ``compile``: also compile the decode step with ``torch.compile`` (fewer, fused kernels;
-      each new cache shape compiles once, which takes tens of seconds).
+      each new cache shape compiles once, which takes tens of seconds), and the Gumbel-max draw.
     - ``sampler``: how tokens are drawn. ``"gumbel"``: by the Gumbel-max trick, on the device, in
       the same graph as the decode step, together with the stop bookkeeping
       (:class:`~grape_lightning.rollout.static_cache_sampler.StaticCacheSampler`); the host only
@@ -136,6 +136,8 @@ class StaticCacheEngine:
         sampler = self._samplers.get(sampler_key)
         if sampler is None:
             sampler = StaticCacheSampler(decoder, params, eos_ids, pad_id)
+            if self.compile:
+                sampler.compile()
             if graphs:
                 self._capture(sampler.capture, sampler)
             self._samplers[sampler_key] = sampler

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from grape_lightning.rollout.sampling import SamplingParams, gumbel_max_next_token
+from grape_lightning.rollout.sampling import SamplingParams, gumbel_max_next_token, gumbel_max_pick
 from grape_lightning.rollout.static_cache_decoder import StaticCacheDecoder
 
 
@@ -54,6 +54,12 @@ class StaticCacheSampler:
         self.logprobs = torch.zeros(batch, length, dtype=self.logprob_dtype, device=device)
         self.mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.pick = gumbel_max_pick
+
+    def compile(self) -> None:
+        """Compile the draw (scaling, log-softmax, truncation, Gumbel argmax: one pass or two over
+        the [batch, vocab] logits instead of one a kernel); the draws of E stay eager."""
+        self.pick = torch.compile(gumbel_max_pick, dynamic=False)
 
     @staticmethod
     def key(params: SamplingParams, eos_ids: Tensor, pad_id: int) -> tuple:
@@ -64,7 +70,7 @@ class StaticCacheSampler:
         """Draw the token after cache slot s from ``logits``, record it in column s + 1, stop the
         rows it ends, and set it as the next step's input (at the next slot and position)."""
         decoder = self.decoder
-        tokens, logprobs = gumbel_max_next_token(logits, self.params, self.generator, self.temperature)
+        tokens, logprobs = gumbel_max_next_token(logits, self.params, self.generator, self.temperature, self.pick)
         tokens = torch.where(self.active, tokens, self.pad_id)
         column = decoder.slot + 1
         self.tokens.index_copy_(1, column, tokens[:, None])
