@@ -48,8 +48,7 @@ class StaticCacheSampler:
         self.pad_id = pad_id
         self.temperature = torch.ones(1, dtype=self.logprob_dtype, device=device)  # T_lp
         self.generator = torch.Generator(device)
-        self.active = torch.ones(batch, dtype=torch.bool, device=device)
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)  # not stopped yet; finished = ~active at the end
         self.tokens = torch.full((batch, length), pad_id, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(batch, length, dtype=self.logprob_dtype, device=device)
         self.mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
@@ -72,16 +71,14 @@ class StaticCacheSampler:
         decoder = self.decoder
         tokens, logprobs = gumbel_max_next_token(logits, self.params, self.generator, self.temperature, self.pick)
         tokens = torch.where(self.active, tokens, self.pad_id)
-        column = decoder.slot + 1
-        self.tokens.index_copy_(1, column, tokens[:, None])
-        self.logprobs.index_copy_(1, column, torch.where(self.active, logprobs, 0.0)[:, None])
-        self.mask.index_copy_(1, column, self.active[:, None])
-        stopped = self.active & torch.isin(tokens, self.eos_ids)
-        self.finished |= stopped
-        self.active &= ~stopped
+        decoder.slot.add_(1)  # column s + 1 is the next step's slot
+        self.tokens.index_copy_(1, decoder.slot, tokens[:, None])
+        self.logprobs.index_copy_(1, decoder.slot, torch.where(self.active, logprobs, 0.0)[:, None])
+        self.mask.index_copy_(1, decoder.slot, self.active[:, None])
+        # a row is finished exactly when it is no longer active: it stops only at an EOS token here
+        self.active &= torch.isin(tokens, self.eos_ids, invert=True)
         decoder.tokens.copy_(tokens)
         decoder.positions.add_(1)
-        decoder.slot.add_(1)
 
     def _step(self) -> None:
         self._take(self.decoder.step())
@@ -110,7 +107,6 @@ class StaticCacheSampler:
             self.generator.manual_seed(draw_seed(generator, decoder.device))
         self.temperature.fill_(params.logprob_temperature)
         self.active.fill_(True)
-        self.finished.zero_()
         self.tokens.fill_(self.pad_id)
         self.logprobs.zero_()
         self.mask.zero_()
@@ -128,4 +124,4 @@ class StaticCacheSampler:
         mask = self.mask[:, columns]
         width = int(mask.any(0).nonzero().max()) + 1  # the first token is taken by every row
         return (self.tokens[:, columns][:, :width].clone(), self.logprobs[:, columns][:, :width].clone(),
-                mask[:, :width].clone(), self.finished.clone())
+                mask[:, :width].clone(), ~self.active)
