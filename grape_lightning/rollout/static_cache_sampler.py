@@ -114,7 +114,7 @@ class StaticCacheSampler:
         decoder.positions.copy_(next_position - 1)
         self._take(first_logits)
         for index in range(params.max_new_tokens - 1):
-            if (index + 1) % check_every == 0 and not bool(self.active.any()):  # the only host synchronisation
+            if (index + 1) % check_every == 0 and not bool(self.active.any()):  # the loop's one host synchronisation
                 break
             if self.graph is not None:
                 self.graph.replay()
