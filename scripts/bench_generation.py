@@ -2,8 +2,11 @@
 and against the memory-bandwidth floor, for prompts of 128 tokens and 256 new tokens.
 
     python scripts/bench_generation.py --shapes qwen2.5-0.5b qwen2.5-1.5b --batches 1 16 64 256
+    python scripts/bench_generation.py --shapes qwen2.5-0.5b qwen2.5-1.5b --batches 64 --samplers gumbel multinomial
 
-Both sample at temperature 1 over the full vocabulary and generate all 256 tokens (the benchmark
+``--samplers`` times the engine once per sampler (``auto``, the default path: Gumbel-max inside the
+graph on a GPU; ``gumbel``; ``multinomial``: ``torch.multinomial`` after each graph replay); the
+first one listed fills the ``ours_*`` columns, each one its ``<sampler>_*`` columns. Both sample at temperature 1 over the full vocabulary and generate all 256 tokens (the benchmark
 model has random weights; the EOS token is disabled for both). The floor is the time to read the
 weights once per step plus the KV cache that step attends to, at the bandwidth measured by a
 device-to-device copy in the same run. Each number is the median over ``--repeats`` runs after a
@@ -52,6 +55,8 @@ def main() -> None:
     parser.add_argument("--generate-repeats", type=int, default=2, help="runs of plain generate (slow)")
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time the engine with a torch.compile'd decode step")
+    parser.add_argument("--samplers", nargs="+", default=["auto"], choices=["auto", "gumbel", "multinomial"],
+                        help="the engine's samplers to time, one after the other (the first fills the ours_* columns)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -62,36 +67,44 @@ def main() -> None:
         model, tokenizer = build_model(shape, args.device)
         model.generation_config.eos_token_id = None
         tokenizer.eos_token_id = None  # every row generates all --new tokens, as plain generate does below
-        engine = StaticCacheEngine(tokenizer)
         params = SamplingParams(max_new_tokens=args.new, temperature=1.0)
         generator = torch.Generator(args.device).manual_seed(0)
         for batch in args.batches:
             prompts = torch.randint(0, model.config.vocab_size, (batch, args.prompt), generator=generator, device=args.device)
             prompt_lists = prompts.tolist()
-            reset_peak_memory()
-            engine.generate(model, prompt_lists, params, generator)  # warm-up: records the graph
-            ours = [timed(lambda: engine.generate(model, prompt_lists, params, generator)) for _ in range(args.repeats)]
-            ours_peak = peak_memory_gib()
-            out = ours[-1][1]
-            tokens = int(out.response_mask.sum())
-            ours_s = median([seconds for seconds, _ in ours])
-            with torch.no_grad():
-                fresh = response_logprobs(model, out.input_ids, out.response_mask, out.attention_mask).logprobs
-            mask = out.response_mask
-            logprob_error = float((fresh[mask].float() - out.logprobs[mask].float()).abs().max())
-            engine.release()
-
-            row = {"shape": shape, "batch": batch, "tokens": tokens, "ours_s": ours_s, "ours_tok_s": tokens / ours_s}
-            if args.compile:
-                compiled = StaticCacheEngine(tokenizer, compile=True)
-                row["compile_first_call_s"] = timed(lambda: compiled.generate(model, prompt_lists, params, generator))[0]
-                compiled_s = median([timed(lambda: compiled.generate(model, prompt_lists, params, generator))[0] for _ in range(args.repeats)])
-                row.update(compiled_s=compiled_s, compiled_tok_s=tokens / compiled_s)
-                compiled.release()
             floor = floor_seconds(model, batch, args.prompt, args.new, bandwidth)
-            row.update(floor_s=floor, floor_tok_s=batch * args.new / floor, ours_over_floor=ours_s / floor)
+            row = {"shape": shape, "batch": batch}
+            for sampler in args.samplers:
+                engine = StaticCacheEngine(tokenizer, sampler=sampler)
+                reset_peak_memory()
+                engine.generate(model, prompt_lists, params, generator)  # warm-up: records the graph
+                ours = [timed(lambda: engine.generate(model, prompt_lists, params, generator)) for _ in range(args.repeats)]
+                peak = peak_memory_gib()
+                out = ours[-1][1]
+                tokens = int(out.response_mask.sum())
+                seconds = median([seconds for seconds, _ in ours])
+                with torch.no_grad():
+                    fresh = response_logprobs(model, out.input_ids, out.response_mask, out.attention_mask).logprobs
+                mask = out.response_mask
+                logprob_error = float((fresh[mask].float() - out.logprobs[mask].float()).abs().max())
+                engine.release()
+                row.update({f"{sampler}_s": seconds, f"{sampler}_tok_s": tokens / seconds, f"{sampler}_over_floor": seconds / floor,
+                            f"{sampler}_peak_gib": peak, f"{sampler}_max_logprob_error": logprob_error})
+                row["tokens"] = tokens  # every row generates all --new tokens, whatever the sampler
+                if args.compile:
+                    compiled = StaticCacheEngine(tokenizer, compile=True, sampler=sampler)
+                    row[f"{sampler}_compile_first_call_s"] = timed(lambda: compiled.generate(model, prompt_lists, params, generator))[0]
+                    compiled_s = median([timed(lambda: compiled.generate(model, prompt_lists, params, generator))[0] for _ in range(args.repeats)])
+                    row.update({f"{sampler}_compiled_s": compiled_s, f"{sampler}_compiled_tok_s": tokens / compiled_s,
+                                f"{sampler}_compiled_over_floor": compiled_s / floor})
+                    compiled.release()
+            first = args.samplers[0]
+            ours_s = row[f"{first}_s"]
+            row.update(ours_s=ours_s, ours_tok_s=row[f"{first}_tok_s"], floor_s=floor, floor_tok_s=batch * args.new / floor,
+                       ours_over_floor=ours_s / floor)
             if args.compile:
-                row["compiled_over_floor"] = row["compiled_s"] / floor
+                row.update(compiled_s=row[f"{first}_compiled_s"], compiled_tok_s=row[f"{first}_compiled_tok_s"],
+                           compiled_over_floor=row[f"{first}_compiled_over_floor"])
             if not args.skip_generate:
                 def plain():
                     return model.generate(
@@ -104,10 +117,9 @@ def main() -> None:
                 plain_s = median([timed(plain)[0] for _ in range(args.generate_repeats)])
                 row.update(generate_s=plain_s, generate_tok_s=batch * args.new / plain_s, speedup=plain_s / ours_s,
                            generate_peak_gib=peak_memory_gib())
-            row.update(ours_peak_gib=ours_peak, max_logprob_error=logprob_error)
+            row.update(ours_peak_gib=row[f"{first}_peak_gib"], max_logprob_error=row[f"{first}_max_logprob_error"])
             rows.append(row)
             print(row, flush=True)
-        engine.release()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     write_report("generation", rows, {"bandwidth_bytes_per_s": bandwidth, "prompt": args.prompt, "new_tokens": args.new})
 

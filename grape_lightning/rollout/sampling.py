@@ -1,4 +1,6 @@
-"""Sampling parameters and the next-token sampler (temperature, top-k, top-p)."""
+"""Sampling parameters and the next-token samplers (temperature, top-k, top-p): by
+``torch.multinomial`` over the probabilities, or by the Gumbel-max trick (no host synchronisation,
+nothing data-dependent: it can be recorded in a CUDA graph)."""
 
 from __future__ import annotations
 
@@ -81,4 +83,48 @@ def sample_next_token(logits: Tensor, params: SamplingParams, generator: torch.G
         filtered = _truncate(logits / params.temperature, params.top_k, params.top_p)
         probs = torch.softmax(filtered, dim=-1)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def gumbel_max_next_token(
+    logits: Tensor, params: SamplingParams, generator: torch.Generator | None, temperature: Tensor | None = None,
+    pick=None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_next_token`'s distribution drawn by the Gumbel-max trick.
+
+    With ``f = truncate(z / T)`` (top-k / top-p logits set to -inf) and ``E_i ~ Exp(1)`` i.i.d.,
+
+        argmax_i (f_i - log E_i) = argmax_i (log softmax(f)_i + G_i),   G_i = -log E_i ~ Gumbel(0, 1),
+
+    is an exact sample of softmax(f): token i wins with probability exp(f_i) / sum_j exp(f_j).
+    Greedy decoding is argmax_i z_i. The log-prob returned is log softmax(z / T_lp)_token, with
+    T_lp = :attr:`SamplingParams.logprob_temperature`, as :func:`sample_next_token` returns it.
+
+    ``temperature``: T_lp as a tensor of shape [1], read when the kernels run rather than when
+    they are launched, so that a recorded graph follows a new temperature (it must hold
+    ``params.logprob_temperature``); by default it is made from ``params``. ``pick``:
+    :func:`gumbel_max_pick` or a compiled version of it (the draw of E stays outside, from
+    ``generator``).
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    if temperature is None:
+        temperature = torch.full((1,), params.logprob_temperature, dtype=dtype, device=logits.device)
+    noise = None
+    if not params.greedy:
+        noise = torch.empty(logits.shape, dtype=dtype, device=logits.device).exponential_(generator=generator)
+        if noise.device.type != "cuda":  # the CPU draw can be exactly 0 (log 0 = -inf); CUDA's never is
+            noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return (pick or gumbel_max_pick)(logits, noise, temperature, params.top_k, params.top_p)
+
+
+def gumbel_max_pick(logits: Tensor, noise: Tensor | None, temperature: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
+    """(argmax_i (truncate(z / T)_i - log E_i), log softmax(z / T)_token) for [batch, vocab] logits
+    ``z`` and draws ``E`` (None: greedy, argmax_i z_i); elementwise work and row reductions only,
+    which ``torch.compile`` fuses into a few kernels."""
+    scaled = logits / temperature  # a [1] tensor takes part in type promotion: one kernel to float32
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    if noise is None:
+        tokens = scaled.argmax(dim=-1)
+    else:
+        tokens = (_truncate(scaled, top_k, top_p) - torch.log(noise)).argmax(dim=-1)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -53,12 +53,21 @@ def unsupported_reason(model: nn.Module, length: int) -> str | None:
     return None
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding, x cos + rotate_half(x) sin over the last dimension (the
-    half-split convention of Hugging Face's Llama family)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return torch.addcmul(x * cos, rotated, sin)
+def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotary position embedding in the half-split convention of Hugging Face's Llama family,
+
+        x cos + rotate_half(x) sin,   rotate_half(x) = (-x2, x1) = roll(x, d/2) * (-1, +1),
+
+    computed as x cos + roll(x, d/2) signed_sin with ``signed_sin = (-sin1, sin2)`` (see
+    :func:`signed_sin`, made once a step for every layer): the same products, exactly, in one
+    kernel fewer than negating and concatenating the halves in each layer."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def signed_sin(sin: Tensor) -> Tensor:
+    """(-sin1, sin2): the sine with the sign of rotate_half folded in (see :func:`rotate`)."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
 def rms_norm(module: nn.Module, x: Tensor) -> Tensor:
@@ -151,7 +160,7 @@ class StaticCacheDecoder:
         if hasattr(attention, "q_norm"):  # Qwen3: RMS norm of each head's query and key
             queries_keys = torch.cat([rms_norm(attention.q_norm, queries_keys[:, :, :heads]),
                                       rms_norm(attention.k_norm, queries_keys[:, :, heads:])], dim=2)
-        queries_keys = rotate(queries_keys, cos[:, :, None], sin[:, :, None])  # queries and keys in one pass
+        queries_keys = rotate(queries_keys, cos[:, :, None], sin[:, :, None])  # queries and keys in one pass (sin: signed)
         return queries_keys[:, :, :heads], queries_keys[:, :, heads:], values
 
     def _scale(self, layer: nn.Module) -> float:
@@ -183,6 +192,7 @@ class StaticCacheDecoder:
     # -- the passes ----------------------------------------------------------------------------
     def _layers(self, hidden: Tensor, positions: Tensor, attend) -> Tensor:
         cos, sin = self.body.rotary_emb(hidden, positions)
+        sin = signed_sin(sin)
         for index, layer in enumerate(self.layers):
             hidden = hidden + attend(index, layer, rms_norm(layer.input_layernorm, hidden), cos, sin)
             hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
@@ -225,6 +235,11 @@ class StaticCacheDecoder:
             lambda i, layer, h, cos, sin: self._decode_attention(i, layer, h, cos, sin, mask),
         )
 
+    def step(self) -> Tensor:
+        """Logits [batch, vocab] after feeding :attr:`tokens` at :attr:`positions` into cache slot
+        :attr:`slot` (the fixed input tensors, which a recorded graph reads)."""
+        return self._step()
+
     def decode(self, tokens: Tensor, positions: Tensor, slot: int) -> Tensor:
         """Logits [batch, vocab] after feeding ``tokens`` at ``positions`` into cache slot ``slot``."""
         self.tokens.copy_(tokens)
@@ -242,17 +257,27 @@ class StaticCacheDecoder:
 
     def capture(self, pool: object | None = None) -> None:
         """Record one decode step as a CUDA graph (before :meth:`prefill`: warming up writes a slot)."""
+        self.graph, self.graph_logits = self.record(self._step, pool)
+
+    def record(self, step, pool: object | None = None, generator: torch.Generator | None = None):
+        """Record ``step()`` (a decode step and what follows it) as a CUDA graph; returns (graph,
+        its output). ``generator``: a CUDA generator that ``step`` draws from, registered with the
+        graph so that each replay draws fresh numbers from its current state (the default
+        generator always is). Call before :meth:`prefill`: warming up writes a cache slot."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # kernels choose their algorithms and allocate workspaces outside the graph
-                self._step()
+                step()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)
         # thread_local: other threads of the process (pinned-memory data loading, the NCCL watchdog)
         # keep making CUDA calls during the capture, which the default global mode would fail on
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.graph_logits = self._step()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            output = step()
+        return graph, output
 
 
 def weights_fingerprint(model: nn.Module) -> tuple[int, ...]:
