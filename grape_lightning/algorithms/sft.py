@@ -42,11 +42,13 @@ class SFTModule(PolicyModule):
         mask = batch["response_mask"].bool()
         # The token mean of the global batch: normalised by every rank's tokens (one all-reduce)
         # times the processes, whose gradient average the strategy takes. The loss is linear in
-        # the log-probs, so the LM head computes its gradient in the forward.
-        num_tokens = float(self.sum_across_processes(mask.sum().double()))
+        # the log-probs, so the LM head computes its gradient in the forward. The count stays on
+        # the device until the metrics are read: one host synchronisation a step.
+        num_tokens = self.sum_across_processes(mask.sum().double())
         weights = sft_token_weights(mask, num_tokens / self.data_parallel_size)
         token = self.policy_logprobs(batch, chunk_size=self.logprob_chunk_size, with_top1=True, linear_loss_weights=weights)
-        nll, correct = self.sum_across_processes(torch.stack([-(token.logprobs.detach() * mask).sum(), (token.top1 & mask).sum()]).double()).tolist()
+        summed = self.sum_across_processes(torch.stack([-(token.logprobs.detach() * mask).sum(), (token.top1 & mask).sum()]).double())
+        nll, correct, num_tokens = torch.cat([summed, num_tokens[None]]).tolist()
         # Weighted by response tokens, so epoch values are exact token means across batches.
         log_stage(self, stage, {"loss": nll / max(num_tokens, 1.0), "token_accuracy": correct / max(num_tokens, 1.0)}, int(num_tokens))
         return token.linear_loss

@@ -29,7 +29,7 @@ def sft_loss(
     return loss, {"loss": loss.detach(), "num_response_tokens": count}
 
 
-def sft_token_weights(response_mask: Tensor, num_tokens: int | float, dtype=None) -> Tensor:
+def sft_token_weights(response_mask: Tensor, num_tokens: int | float | Tensor, dtype=None) -> Tensor:
     """The same loss written as L = sum_{b,t} w_bt l_bt, linear in the log-probs:
 
         w_bt = -m_bt / max(num_tokens, 1)
@@ -37,4 +37,7 @@ def sft_token_weights(response_mask: Tensor, num_tokens: int | float, dtype=None
     so the LM head can compute its gradient in the forward
     (:func:`~grape_lightning.models.logprobs.response_logprobs` with ``linear_loss_weights``).
     """
-    return -response_mask.to(dtype or torch.float64) / max(float(num_tokens), 1.0)
+    weights = -response_mask.to(dtype or torch.float64)
+    if isinstance(num_tokens, Tensor):  # a count still on the device: no synchronisation
+        return weights / num_tokens.to(weights.dtype).clamp(min=1.0)
+    return weights / max(float(num_tokens), 1.0)
