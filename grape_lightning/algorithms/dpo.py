@@ -13,6 +13,7 @@ from torch import Tensor
 
 from grape_lightning.algorithms.base import PolicyModule, as_dataclass, log_stage
 from grape_lightning.algorithms.optim import OptimizerConfig
+from grape_lightning.data.collate import padding_free, resolve_padding_free, sequence_ids, sequence_sums
 from grape_lightning.data.preference import collate_pairs
 from grape_lightning.losses.dpo import DPOLossType, dpo_loss
 from grape_lightning.losses.sft import sft_loss
@@ -38,6 +39,12 @@ class DPOModule(PolicyModule):
     answer, a demonstration). After each validation the module warns when the mean chosen drift
     l(y_w) - l_ref(y_w) is negative while the margin is positive, the sign of that failure.
 
+    Padding-free (``padding_free``): the 2B chosen and rejected sequences of a batch run as one
+    row of their real tokens, positions restarting per sequence, through the policy and the
+    reference alike (:func:`~grape_lightning.data.collate.padding_free`); each sequence's sum is
+    taken over its own tokens, so the loss and its gradients are those of the padded batch and no
+    compute goes to padding.
+
     Reference log-probs:
 
     - ``online``: a frozen copy of the initial policy scores every batch;
@@ -58,6 +65,7 @@ class DPOModule(PolicyModule):
             ``<default_root_dir>/reference_logps``).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         logprob_chunk_size: response tokens per chunk of the LM-head log-prob computation.
+        padding_free: run each batch as one packed row without padding (None: on CUDA devices).
     """
 
     def __init__(
@@ -73,6 +81,7 @@ class DPOModule(PolicyModule):
         reference_cache_dir: str | None = None,
         gradient_checkpointing: bool = False,
         logprob_chunk_size: int = 1024,
+        padding_free: bool | None = None,
     ) -> None:
         super().__init__(optimizer)
         policy = as_dataclass(policy, ModelSpec)
@@ -88,20 +97,28 @@ class DPOModule(PolicyModule):
         self.reference_mode = reference_logprobs
         self.reference_cache_dir = reference_cache_dir
         self.logprob_chunk_size = logprob_chunk_size
+        self.padding_free = padding_free
         self.reference_cache: dict[str, Tensor] = {}  # split -> [pairs, 2] (chosen, rejected)
         # validation sums of the chosen drift, the rejected drift and the pair count
         self._val_drifts = torch.zeros(3, dtype=torch.float64)
 
     # -- log-probs -------------------------------------------------------------------------------
-    def sequence_logps(self, token_logprobs: Tensor, mask: Tensor) -> Tensor:
-        mask = mask.to(token_logprobs.dtype)
-        total = (token_logprobs * mask).sum(-1)
-        return total / mask.sum(-1).clamp(min=1) if self.length_normalize else total
+    def sequence_logps(self, token_logprobs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """l(y_r) for the 2B sequences r of ``batch`` (chosen first): the sum of log-probs over
+        the response tokens of sequence r (padded rows or a padding-free row alike), divided by
+        their count when ``length_normalize``."""
+        mask = batch["response_mask"].to(token_logprobs.dtype)
+        ids, count = sequence_ids(batch), 2 * len(batch["pair_ids"])
+        total = sequence_sums(token_logprobs * mask, ids, count)
+        return total / sequence_sums(mask, ids, count).clamp(min=1) if self.length_normalize else total
+
+    def _batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return padding_free(batch) if resolve_padding_free(self.padding_free, self.device) else batch
 
     @torch.no_grad()
     def _reference_logps(self, batch: dict[str, Tensor], split: str) -> Tensor:
         if self.reference_mode == "online":
-            return self.sequence_logps(self.reference_logprobs(batch, chunk_size=self.logprob_chunk_size), batch["response_mask"])
+            return self.sequence_logps(self.reference_logprobs(batch, chunk_size=self.logprob_chunk_size), batch)
         pairs = self.reference_cache[split][batch["pair_ids"].cpu()].to(self.device)
         return torch.cat([pairs[:, 0], pairs[:, 1]])
 
@@ -122,9 +139,10 @@ class DPOModule(PolicyModule):
         with self.generation_context() as policy:  # before training: FSDP / ZeRO-3 parameters gathered
             for start in range(0, len(pairs), batch_size):
                 batch = collate_pairs(pairs[start : start + batch_size], self.tokenizer.pad_token_id)
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                token = response_logprobs(policy, batch["input_ids"], batch["response_mask"], batch["attention_mask"], chunk_size=self.logprob_chunk_size)
-                logps = self.sequence_logps(token.logprobs, batch["response_mask"])
+                batch = self._batch({k: v.to(self.device) for k, v in batch.items()})
+                token = response_logprobs(policy, batch["input_ids"], batch["response_mask"], batch.get("attention_mask"),
+                                          batch.get("position_ids"), chunk_size=self.logprob_chunk_size)
+                logps = self.sequence_logps(token.logprobs, batch)
                 half = len(batch["pair_ids"])
                 values.append(torch.stack([logps[:half], logps[half:]], dim=1).cpu())
         self.policy.train(was_training)
@@ -159,8 +177,9 @@ class DPOModule(PolicyModule):
 
     # -- steps -----------------------------------------------------------------------------------
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        batch = self._batch(batch)
         token = self.policy_logprobs(batch, chunk_size=self.logprob_chunk_size)
-        logps = self.sequence_logps(token.logprobs, batch["response_mask"])
+        logps = self.sequence_logps(token.logprobs, batch)
         ref_logps = self._reference_logps(batch, "train" if stage == "train" else "val")
         pairs = len(batch["pair_ids"])
         loss, metrics = dpo_loss(
@@ -170,9 +189,9 @@ class DPOModule(PolicyModule):
         if self.sft_weight:
             # token mean over the chosen responses of every rank: normalised by the global count
             # times the processes, whose gradient average the strategy takes
-            chosen = batch["response_mask"][:pairs]
+            chosen = batch["response_mask"].bool() & (sequence_ids(batch) < pairs)
             tokens = float(self.sum_across_processes(chosen.sum().double())) / self.data_parallel_size
-            nll, _ = sft_loss(token.logprobs[:pairs], chosen, num_tokens=tokens)
+            nll, _ = sft_loss(token.logprobs, chosen, num_tokens=tokens)
             loss = loss + self.sft_weight * nll
             metrics["sft_nll"] = nll.detach()
         log_stage(self, stage, metrics, pairs, prog_bar=("loss", "rewards/accuracies"))

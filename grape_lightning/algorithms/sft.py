@@ -7,6 +7,7 @@ from torch import Tensor
 
 from grape_lightning.algorithms.base import PolicyModule, as_dataclass, log_stage
 from grape_lightning.algorithms.optim import OptimizerConfig
+from grape_lightning.data.collate import padding_free, resolve_padding_free
 from grape_lightning.losses.sft import sft_token_weights
 from grape_lightning.models.spec import ModelSpec
 
@@ -19,10 +20,15 @@ class SFTModule(PolicyModule):
     Batches come from :class:`~grape_lightning.data.sft.SFTDataModule` (padded or packed).
     Logs ``train/loss``, ``train/token_accuracy`` and the same under ``val/``.
 
+    Padding-free (``padding_free``): each padded batch of B pairs runs as one row of its real
+    tokens, positions restarting per pair (:func:`~grape_lightning.data.collate.padding_free`);
+    the loss and its gradients are those of the padded batch, and no compute goes to padding.
+
     Args:
         policy: the model to train (a :class:`ModelSpec`).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         logprob_chunk_size: response tokens per chunk of the LM-head log-prob computation.
+        padding_free: run each batch as one packed row without padding (None: on CUDA devices).
     """
 
     def __init__(
@@ -31,14 +37,18 @@ class SFTModule(PolicyModule):
         optimizer: OptimizerConfig | None = None,
         gradient_checkpointing: bool = False,
         logprob_chunk_size: int = 1024,
+        padding_free: bool | None = None,
     ) -> None:
         super().__init__(optimizer)
         policy = as_dataclass(policy, ModelSpec)
         self.save_plain_hyperparameters(policy=policy, optimizer=self.optimizer_config)
         self.build_models(policy, gradient_checkpointing=gradient_checkpointing)
         self.logprob_chunk_size = logprob_chunk_size
+        self.padding_free = padding_free
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        if resolve_padding_free(self.padding_free, self.device):
+            batch = padding_free(batch)
         mask = batch["response_mask"].bool()
         # The token mean of the global batch: normalised by every rank's tokens (one all-reduce)
         # times the processes, whose gradient average the strategy takes. The loss is linear in

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from grape_lightning.models.logprobs import positions_from_mask
+
 
 def pad_right(sequences: Sequence[Sequence[int]], value: int, dtype: torch.dtype = torch.long) -> Tensor:
     """[batch, max_len] with each sequence at the left and ``value`` after it."""
@@ -69,3 +71,45 @@ def collate_packed(rows: Sequence[dict[str, list[int]]], pad_token_id: int) -> d
         "response_mask": pad_right([row["response_mask"] for row in rows], 0, dtype=torch.bool),
         "num_tokens": torch.tensor(sum(len(row["input_ids"]) for row in rows)),
     }
+
+
+def padding_free(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A padded batch as one row of its real tokens: the R rows' tokens back to back ([1, N], N
+    their total), ``position_ids`` restarting at 0 with each sequence and no attention mask, so a
+    model spends nothing on padding and attention stays inside each sequence
+    (:mod:`grape_lightning.models.varlen_attention`). ``sequence_ids`` [1, N] gives each token's
+    row r in the padded batch; per-sequence sums are sums over equal ids (:func:`sequence_sums`).
+    Keys other than the token-aligned ones are kept as they are. A batch without an attention
+    mask (already packed) is returned unchanged.
+    """
+    if "attention_mask" not in batch:
+        return batch
+    real = batch["attention_mask"].bool()
+    positions = positions_from_mask(real)
+    rows = torch.arange(real.shape[0], device=real.device)[:, None].expand_as(real)
+    flat = {key: value for key, value in batch.items() if key != "attention_mask"}
+    for key in ("input_ids", "response_mask"):
+        flat[key] = batch[key][real][None]
+    flat["position_ids"] = positions[real][None]
+    flat["sequence_ids"] = rows[real][None]
+    return flat
+
+
+def sequence_ids(batch: dict[str, Tensor]) -> Tensor:
+    """The row of the padded batch each token belongs to ([batch, time]): ``sequence_ids`` of a
+    :func:`padding_free` batch, else each row's index."""
+    if "sequence_ids" in batch:
+        return batch["sequence_ids"]
+    rows, time = batch["input_ids"].shape
+    return torch.arange(rows, device=batch["input_ids"].device)[:, None].expand(rows, time)
+
+
+def sequence_sums(values: Tensor, ids: Tensor, num_sequences: int) -> Tensor:
+    """s_r = sum over tokens t with ids_t = r of values_t, for r < ``num_sequences``: [num_sequences]."""
+    return values.new_zeros(num_sequences).index_add(0, ids.flatten(), values.flatten())
+
+
+def resolve_padding_free(option: bool | None, device: torch.device) -> bool:
+    """A module's ``padding_free`` setting: None means on with a CUDA device (where packed rows
+    run variable-length flash attention), off elsewhere, where padded batches stay as they were."""
+    return device.type == "cuda" if option is None else option

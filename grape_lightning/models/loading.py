@@ -20,6 +20,7 @@ from grape_lightning.assets import builtin_model_path
 from grape_lightning.data.char_tokenizer import build_char_tokenizer, is_char_tokenizer_name
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.models.tokenizer_check import check_model_fits_tokenizer, tokenizer_differences
+from grape_lightning.models.varlen_attention import VARLEN_ATTENTION, supports_varlen
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,8 +83,18 @@ def as_saved(tokenizer: PreTrainedTokenizerBase, path: str, **kwargs: object) ->
 
 
 def load_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A causal LM from the hub or a directory, or built from ``spec.config`` with seeded random weights."""
-    return _load(AutoModelForCausalLM, spec, tokenizer)
+    """A causal LM from the hub or a directory, or built from ``spec.config`` with seeded random weights.
+
+    With no ``attn_implementation`` in the spec and a CUDA device present, a model whose layers
+    all attend causally over the full sequence gets ``sdpa_varlen``
+    (:mod:`grape_lightning.models.varlen_attention`): ``sdpa`` for every call, except that packed
+    (padding-free) rows run variable-length flash attention instead of a block-diagonal mask.
+    """
+    model = _load(AutoModelForCausalLM, spec, tokenizer)
+    default_sdpa = spec.attn_implementation is None and model.config._attn_implementation == "sdpa"
+    if default_sdpa and torch.cuda.is_available() and supports_varlen(model.config):
+        model.set_attn_implementation(VARLEN_ATTENTION)
+    return model
 
 
 def load_sequence_scorer(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

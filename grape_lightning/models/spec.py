@@ -36,8 +36,9 @@ class ModelSpec:
         tokenizer: tokenizer to load (default: ``name_or_path``; ``grape/char`` is the built-in
             character tokenizer).
         dtype: parameter dtype: ``float32``, ``bfloat16`` or ``float16``.
-        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``;
-            None: its default).
+        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``,
+            ``sdpa_varlen``: sdpa with variable-length attention for padding-free rows; None: its
+            default, ``sdpa_varlen`` for a causal LM on CUDA).
         revision: hub revision (branch, tag or commit) of ``name_or_path``.
         trust_remote_code: allow model code shipped with the checkpoint to run.
         init_seed: seed of the random weights of a model built from ``config``.

@@ -100,11 +100,11 @@ def test_precomputed_reference_gives_the_online_loss(tmp_path):
             parameter.add_(0.01 * torch.randn_like(parameter))
         cached.policy.load_state_dict(online.policy.state_dict())
     for batch in datamodule.train_dataloader():
-        online_ref = online.sequence_logps(online.reference_logprobs(batch), batch["response_mask"])
+        online_ref = online.sequence_logps(online.reference_logprobs(batch), batch)
         cached_ref = cached._reference_logps(batch, "train")
         torch.testing.assert_close(cached_ref, online_ref, rtol=1e-12, atol=1e-12)
         with torch.no_grad():
-            logps = cached.sequence_logps(cached.policy_logprobs(batch).logprobs, batch["response_mask"])
+            logps = cached.sequence_logps(cached.policy_logprobs(batch).logprobs, batch)
         n = len(batch["pair_ids"])
         loss_cached, _ = dpo_loss(logps[:n], logps[n:], cached_ref[:n], cached_ref[n:])
         loss_online, _ = dpo_loss(logps[:n], logps[n:], online_ref[:n], online_ref[n:])
