@@ -111,7 +111,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def training_flops_per_token(config: dict[str, Any], sequence: int) -> float:
+def training_flops_per_token(config: dict[str, Any], sequence: float) -> float:
     """Forward + backward FLOPs per token of a decoder (the PaLM appendix count): 6 N for the
     matrix products of N non-embedding parameters plus the LM head, and 6 * 2 * layers * hidden *
     sequence / 2 for causal attention scores and values (half the square is masked)."""
@@ -158,7 +158,7 @@ def write_report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | 
     (directory / f"{name}.json").write_text(json.dumps(report, indent=2))
     print(f"\n== {name} on {report['device']} ({', '.join(f'{k} {v}' for k, v in report['versions'].items())})")
     if rows:
-        columns = list(rows[0])
+        columns = list(dict.fromkeys(column for row in rows for column in row))  # rows may differ (an error row)
         print(" | ".join(columns))
         for row in rows:
             print(" | ".join(f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c)) for c in columns))

@@ -1,8 +1,19 @@
 """SFT and DPO training throughput at sequence length 2048: tokens/s, MFU and peak memory of our
 modules, and with ``--peer trl`` of TRL's SFTTrainer and DPOTrainer on the same model, data and
-settings, in the same call.
+settings, in the same call (``--peer trl trl-liger``: also TRL with ``use_liger_kernel=True``).
 
-    python scripts/bench_training.py --shape qwen2.5-0.5b --peer trl
+    python scripts/bench_training.py --shape qwen2.5-0.5b --peer trl trl-liger
+    python scripts/bench_training.py --shape qwen2.5-0.5b --lengths variable --peer trl trl-liger
+
+``--lengths fixed`` (the default): every row is exactly ``--seq`` tokens. ``--lengths variable``:
+response lengths drawn log-uniformly from ``--min-response`` to the most that fits ``--seq``
+(seeded; chosen and rejected drawn apart), the same rows for every implementation, each side run
+padded and padding-free: ours padded (``padding_free=False``), padding-free with the
+``sdpa_varlen`` attention, and padding-free with transformers' block-diagonal ``sdpa`` mask; TRL
+padded and with ``padding_free=True`` (where TRL refuses that, SFT falls back to ``packing=True``;
+each row's ``ran`` says what ran). Tokens/s then counts real (non-pad) tokens: all the rows'
+tokens, per step on average, over the mean timed step; MFU's attention term uses the
+token-weighted mean sequence length.
 
 Same settings on both sides: bf16 weights, AdamW, no gradient checkpointing, completion-only SFT
 loss, DPO (sigmoid, beta 0.1) with the reference evaluated online every step, the same rows
@@ -16,7 +27,10 @@ token (the reference forward of DPO is not counted) against the device's dense b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -65,34 +79,49 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def make_rows(kind: str, count: int, seq: int, vocab: int) -> list[dict]:
+def response_lengths(generator: torch.Generator, count: int, seq: int, variable: bool, shortest: int) -> list[int]:
+    """Words of each response: all ``seq - PROMPT_WORDS - 1`` (the EOS after the response makes the
+    row seq tokens), or drawn log-uniformly from ``shortest`` to that."""
+    longest = seq - PROMPT_WORDS - 1
+    if not variable:
+        return [longest] * count
+    shortest = min(shortest, longest)
+    draws = torch.rand(count, generator=generator, dtype=torch.float64).tolist()
+    return [round(math.exp(math.log(shortest) + u * (math.log(longest) - math.log(shortest)))) for u in draws]
+
+
+def make_rows(kind: str, count: int, seq: int, vocab: int, variable: bool = False, shortest: int = 100) -> tuple[list[dict], list[int]]:
+    """The rows, and the tokens of every trained sequence (prompt + response + EOS)."""
     generator = torch.Generator().manual_seed(0)
-    words = seq - PROMPT_WORDS - 1  # the EOS after the response makes it seq tokens
+    lengths = response_lengths(generator, (1 if kind == "sft" else 2) * count, seq, variable, shortest)
+    responses = [random_text(generator, words, vocab) for words in lengths]
+    prompts = [random_text(generator, PROMPT_WORDS, vocab) for _ in range(count)]
+    tokens = [PROMPT_WORDS + words + 1 for words in lengths]
     if kind == "sft":
-        return [{"prompt": random_text(generator, PROMPT_WORDS, vocab), "completion": random_text(generator, words, vocab)}
-                for _ in range(count)]
-    return [{"prompt": random_text(generator, PROMPT_WORDS, vocab), "chosen": random_text(generator, words, vocab),
-             "rejected": random_text(generator, words, vocab)} for _ in range(count)]
+        return [{"prompt": p, "completion": c} for p, c in zip(prompts, responses)], tokens
+    return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(prompts, responses[:count], responses[count:])], tokens
 
 
-def ours(kind: str, spec, data_file: Path, args) -> dict:
+def ours(kind: str, spec, data_file: Path, args, padding_free: bool | None = None, label: str = "ours") -> dict:
     L.seed_everything(0)
     optimizer = OptimizerConfig(lr=1e-5, weight_decay=0.0)
     if kind == "sft":
-        module = SFTModule(spec, optimizer=optimizer)
+        module = SFTModule(spec, optimizer=optimizer, padding_free=padding_free)
         datamodule = SFTDataModule(train_file=str(data_file), max_length=args.seq, batch_size=args.sft_batch)
     else:
-        module = DPOModule(spec, optimizer=optimizer, beta=0.1, reference_logprobs="online")
+        module = DPOModule(spec, optimizer=optimizer, beta=0.1, reference_logprobs="online", padding_free=padding_free)
         datamodule = PreferenceDataModule(train_file=str(data_file), max_length=args.seq, batch_size=args.dpo_pairs)
     timer = StepTimer()
-    callbacks = [timer] + ([profile_callback(args.profile, f"{kind}_ours", args.out)] if args.profile else [])
+    callbacks = [timer] + ([profile_callback(args.profile, f"{kind}_{label}", args.out)] if args.profile else [])
     trainer = benchmark_trainer(args.warmup + args.steps, callbacks)
     reset_peak_memory()
     trainer.fit(module, datamodule)
     return {"seconds": timer.seconds[args.warmup:], "peak_gib": peak_memory_gib()}
 
 
-def trl_peer(kind: str, spec, rows: list[dict], args, liger: bool = False) -> dict:
+def trl_peer(kind: str, spec, rows: list[dict], args, liger: bool = False, padding_free: bool = False) -> dict:
+    """TRL's trainer on ``rows``; ``ran`` names the mode that ran. Padding-free SFT that TRL
+    refuses with sdpa attention falls back to ``packing=True``."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
@@ -107,17 +136,52 @@ def trl_peer(kind: str, spec, rows: list[dict], args, liger: bool = False) -> di
         use_liger_kernel=liger,
     )
     timer = hf_step_timer()
+    ran = ("liger " if liger else "") + ("padding_free" if padding_free else "padded")
     if kind == "sft":
-        config = SFTConfig(per_device_train_batch_size=args.sft_batch, packing=False, completion_only_loss=True, **common)
-        trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                             callbacks=[timer])
+        def sft_trainer(**mode):
+            config = SFTConfig(per_device_train_batch_size=args.sft_batch, completion_only_loss=True, **mode, **common)
+            return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                              callbacks=[timer])
+        try:
+            trainer = sft_trainer(packing=False, **({"padding_free": True} if padding_free else {}))
+        except (ValueError, NotImplementedError) as refusal:
+            if not padding_free:
+                raise
+            ran = ("liger " if liger else "") + f"packing (padding_free refused: {str(refusal)[:120]})"
+            trainer = sft_trainer(packing=True)
     else:
-        config = DPOConfig(per_device_train_batch_size=args.dpo_pairs, beta=0.1, precompute_ref_log_probs=False, **common)
+        extra = {"padding_free": True} if padding_free else {}
+        config = DPOConfig(per_device_train_batch_size=args.dpo_pairs, beta=0.1, precompute_ref_log_probs=False, **extra, **common)
         trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                              callbacks=[timer])
     reset_peak_memory()
     trainer.train()
-    return {"seconds": timer.seconds[args.warmup:], "peak_gib": peak_memory_gib()}
+    return {"seconds": timer.seconds[args.warmup:], "peak_gib": peak_memory_gib(), "ran": ran}
+
+
+def implementations(spec, data: dict[str, list[dict]], workdir: Path, args) -> dict:
+    """name -> a function of the kind running it: ours first, then each peer (TRL's Liger option
+    patches transformers' model classes for the whole process, so it runs last); padded and
+    padding-free for variable lengths."""
+    def ours_run(padding_free: bool | None = None, attention: str | None = None, label: str = "ours"):
+        run_spec = dataclasses.replace(spec, attn_implementation=attention) if attention else spec
+        return lambda kind: ours(kind, run_spec, workdir / f"{kind}.jsonl", args, padding_free, label)
+
+    if args.lengths == "fixed":
+        runs = {"ours": ours_run()}
+    else:
+        runs = {
+            "ours-padded": ours_run(padding_free=False, label="ours_padded"),
+            "ours-padding-free": ours_run(padding_free=True, attention="sdpa_varlen", label="ours_padding_free"),
+            "ours-padding-free-sdpa-mask": ours_run(padding_free=True, attention="sdpa", label="ours_padding_free_sdpa_mask"),
+        }
+    for peer in ("trl", "trl-liger"):
+        if peer in args.peer:
+            liger = peer == "trl-liger"
+            runs[peer] = lambda kind, liger=liger: trl_peer(kind, spec, data[kind], args, liger=liger)
+            if args.lengths == "variable":
+                runs[f"{peer}-padding-free"] = lambda kind, liger=liger: trl_peer(kind, spec, data[kind], args, liger=liger, padding_free=True)
+    return runs
 
 
 def main() -> None:
@@ -131,6 +195,9 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["sft", "dpo"])
     parser.add_argument("--peer", nargs="+", choices=["none", "trl", "trl-liger"], default=["none"],
                         help="peers run in the same call: TRL, TRL with its Liger kernels")
+    parser.add_argument("--lengths", choices=["fixed", "variable"], default="fixed",
+                        help="every row --seq tokens, or response lengths spread log-uniformly up to it")
+    parser.add_argument("--min-response", type=int, default=100, help="shortest response (words = tokens) of --lengths variable")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="our decoder layers compiled (ModelSpec.compile)")
     parser.add_argument("--profile", type=int, default=0, help="profile this many of our steps (after 2) and print the top operators")
     parser.add_argument("--out", default=None, help="folder for profile tables")
@@ -140,36 +207,43 @@ def main() -> None:
     spec = save_benchmark_model(args.shape, workdir)
     spec.compile = {"auto": None, "on": True, "off": False}[args.compile]
     config = QWEN25_SHAPES[args.shape]
-    flops_per_token = training_flops_per_token(config, args.seq)
-    data = {}
+    data, lengths = {}, {}
     for kind in args.kinds:
         count = (args.warmup + args.steps) * (args.sft_batch if kind == "sft" else args.dpo_pairs)
-        data[kind] = make_rows(kind, count, args.seq, config["vocab_size"])
+        data[kind], lengths[kind] = make_rows(kind, count, args.seq, config["vocab_size"], args.lengths == "variable", args.min_response)
         write_rows(workdir / f"{kind}.jsonl", data[kind])
-    runs = {"ours": lambda kind: ours(kind, spec, workdir / f"{kind}.jsonl", args)}
-    if "trl" in args.peer:
-        runs["trl"] = lambda kind: trl_peer(kind, spec, data[kind], args)
-    if "trl-liger" in args.peer:
-        # last: TRL's Liger option patches the model classes of transformers for the whole process
-        runs["trl-liger"] = lambda kind: trl_peer(kind, spec, data[kind], args, liger=True)
     rows = []
-    for name, run in runs.items():
+    for name, run in implementations(spec, data, workdir, args).items():
         for kind in args.kinds:
-            result = run(kind)
-            tokens_per_s = args.seq * (args.sft_batch if kind == "sft" else 2 * args.dpo_pairs) / median(result["seconds"])
+            try:
+                result = run(kind)
+            except Exception as error:  # a peer that cannot run here (not installed, refused) leaves a row saying why
+                if name.startswith("ours"):
+                    raise
+                rows.append({"kind": kind, "impl": name, "error": f"{type(error).__name__}: {str(error)[:300]}"})
+                print(rows[-1], flush=True)
+                continue
+            # every row once over the run: the mean step's real tokens
+            tokens_per_step = sum(lengths[kind]) / (args.warmup + args.steps)
+            # a token's causal attention work grows with its sequence's length: the token-weighted mean length
+            flops_per_token = training_flops_per_token(config, sum(n * n for n in lengths[kind]) / sum(lengths[kind]))
+            step, mean_step = median(result["seconds"]), statistics.fmean(result["seconds"])
+            tokens_per_s = tokens_per_step / (step if args.lengths == "fixed" else mean_step)
             rows.append({
-                "kind": kind, "impl": name, "step_s": median(result["seconds"]), "tokens_per_s": tokens_per_s,
+                "kind": kind, "impl": name, "step_s": step, "mean_step_s": mean_step, "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * flops_per_token / peak_flops(), "peak_gib": result["peak_gib"],
-                "steps_timed": len(result["seconds"]),
+                "steps_timed": len(result["seconds"]), "ran": result.get("ran", name),
             })
             print(rows[-1], flush=True)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    ours_rate = {row["kind"]: row["tokens_per_s"] for row in rows if row["impl"] == "ours"}
+    best_ours = {kind: max((row["tokens_per_s"] for row in rows if row["kind"] == kind and row["impl"].startswith("ours")), default=float("nan"))
+                 for kind in args.kinds}
     for row in rows:
-        if row["impl"] != "ours":
-            row["ours_over_peer"] = ours_rate[row["kind"]] / row["tokens_per_s"]
-    write_report("training", rows, {"shape": args.shape, "seq": args.seq, "sft_batch": args.sft_batch, "dpo_pairs": args.dpo_pairs,
-                                    "compile": args.compile})
+        if not row["impl"].startswith("ours") and "tokens_per_s" in row:
+            row["ours_over_peer"] = best_ours[row["kind"]] / row["tokens_per_s"]
+    name = "training" if args.lengths == "fixed" else "training_variable"
+    write_report(name, rows, {"shape": args.shape, "seq": args.seq, "sft_batch": args.sft_batch, "dpo_pairs": args.dpo_pairs,
+                              "compile": args.compile, "lengths": args.lengths, "min_response": args.min_response})
 
 
 if __name__ == "__main__":
