@@ -18,6 +18,7 @@ row holding a single sequence) is transformers' own ``sdpa``, unchanged.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -74,10 +75,16 @@ def varlen_attention(
     if dropout == 0.0 and _flash_varlen_available(query):
         from torch.nn.attention.varlen import varlen_attn
 
-        return varlen_attn(
-            query, key, value, cumulative, cumulative, longest, longest,
-            scale=scale, window_size=(-1, 0), enable_gqa=grouped,
-        )
+        # causal and grouped-query options as this torch names them (2.10 has is_causal and no
+        # grouped heads; later versions a (left, right) window and enable_gqa)
+        options = inspect.signature(varlen_attn).parameters
+        extra: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in options else {"is_causal": True}
+        if grouped and "enable_gqa" in options:
+            extra["enable_gqa"] = True
+        elif grouped:
+            repeats = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+        return varlen_attn(query, key, value, cumulative, cumulative, longest, longest, scale=scale, **extra)
     outputs = []
     bounds = cumulative.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
