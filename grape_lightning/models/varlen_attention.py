@@ -97,6 +97,20 @@ def varlen_attention(
     return torch.cat(outputs)
 
 
+@torch.compiler.disable
+def _packed_attention(query: Tensor, key: Tensor, value: Tensor, position_ids: Tensor, scaling: float | None, dropout: float) -> Tensor | None:
+    """:func:`varlen_attention` over the sequences of ``position_ids``, or None when each row
+    holds one sequence. Left out of ``torch.compile`` graphs (a compiled decoder layer breaks its
+    graph here): the sequence boundaries are data, and the longest length is read on the host."""
+    cumulative, longest = _Boundaries.of(position_ids, query.shape[0])
+    if cumulative.numel() - 1 == query.shape[0]:
+        return None
+    batch, heads, time, dim = query.shape
+    flat = [x.transpose(1, 2).reshape(batch * time, x.shape[1], dim) for x in (query, key, value)]
+    output = varlen_attention(*flat, cumulative.to(query.device), longest, scaling, dropout)
+    return output.reshape(batch, time, heads, dim)
+
+
 def sdpa_varlen_attention_forward(
     module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
     dropout: float = 0.0, scaling: float | None = None, **kwargs: Any,
@@ -105,20 +119,16 @@ def sdpa_varlen_attention_forward(
     kv_heads, time, dim]; returns [batch, time, heads, dim]. Packed rows (no mask, positions
     restarting, no cache) take :func:`varlen_attention`; everything else is ``sdpa``."""
     position_ids = kwargs.get("position_ids")
-    packed = (
+    maybe_packed = (
         attention_mask is None and position_ids is not None and query.shape[2] == key.shape[2] > 1
         and getattr(module, "is_causal", True) and kwargs.get("sliding_window") is None
         and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)
     )
-    if packed:
-        cumulative, longest = _Boundaries.of(position_ids, query.shape[0])
-        packed = cumulative.numel() - 1 > query.shape[0]  # more sequences than rows
-    if not packed:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    batch, heads, time, dim = query.shape
-    flat = [x.transpose(1, 2).reshape(batch * time, x.shape[1], dim) for x in (query, key, value)]
-    output = varlen_attention(*flat, cumulative.to(query.device), longest, scaling, dropout)
-    return output.reshape(batch, time, heads, dim), None
+    if maybe_packed:
+        output = _packed_attention(query, key, value, position_ids, scaling, dropout)
+        if output is not None:
+            return output, None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def sdpa_varlen_mask(

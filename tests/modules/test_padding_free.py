@@ -181,3 +181,22 @@ def test_cuda_policy_loads_with_varlen_attention_and_matches_padded():
         padded = module.policy_logprobs(batch).logprobs[batch["attention_mask"].bool()]
         free = module.policy_logprobs(padding_free(batch)).logprobs[0]
     torch.testing.assert_close(free.float(), padded.float(), rtol=0, atol=5e-2)
+
+
+def test_varlen_attention_inside_compiled_decoder_layers():
+    """Decoder layers compiled (as ModelSpec.compile does; dynamo with its eager backend here)
+    call the packed attention outside their graphs and give the padded log-probs."""
+    from grape_lightning.models.sharding import decoder_layers
+
+    module = SFTModule(tiny_spec(dtype="float64", attn_implementation="sdpa_varlen"), padding_free=True)
+    generator = torch.Generator().manual_seed(5)
+    pairs = _random_pairs(generator, 5, module.policy.config.vocab_size)
+    batch = collate_prompt_completion(pairs, pad_token_id=module.tokenizer.pad_token_id)
+    with torch.no_grad():
+        padded = module.policy_logprobs(batch).logprobs[batch["attention_mask"].bool()]
+        torch._dynamo.reset()
+        for layer in decoder_layers(module.policy.base_model):
+            layer.compile(backend="eager", dynamic=None)
+        free = module.policy_logprobs(padding_free(batch)).logprobs[0]
+    torch._dynamo.reset()
+    torch.testing.assert_close(free, padded, rtol=0, atol=1e-10)
