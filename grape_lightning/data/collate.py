@@ -105,8 +105,10 @@ def sequence_ids(batch: dict[str, Tensor]) -> Tensor:
 
 
 def sequence_sums(values: Tensor, ids: Tensor, num_sequences: int) -> Tensor:
-    """s_r = sum over tokens t with ids_t = r of values_t, for r < ``num_sequences``: [num_sequences]."""
-    return values.new_zeros(num_sequences).index_add(0, ids.flatten(), values.flatten())
+    """s_r = sum over tokens t with ids_t = r of values_t, for r < ``num_sequences``: [num_sequences].
+    A masked sum per sequence rather than a scatter-add, so it is deterministic on every device."""
+    members = ids.flatten()[None, :] == torch.arange(num_sequences, device=ids.device)[:, None]
+    return (values.flatten()[None, :] * members).sum(-1)
 
 
 def resolve_padding_free(option: bool | None, device: torch.device) -> bool:
