@@ -9,7 +9,8 @@ settings, in the same call (``--peer trl trl-liger``: also TRL with ``use_liger_
 response lengths drawn log-uniformly from ``--min-response`` to the most that fits ``--seq``
 (seeded; chosen and rejected drawn apart), the same rows for every implementation, each side run
 padded and padding-free: ours padded (``padding_free=False``), padding-free with the
-``sdpa_varlen`` attention, and padding-free with transformers' block-diagonal ``sdpa`` mask; TRL
+``sdpa_varlen`` attention, with transformers' block-diagonal ``sdpa`` mask and (on CUDA) with its
+``flex_attention`` document mask; TRL
 padded and with ``padding_free=True`` (where TRL refuses that, SFT falls back to ``packing=True``;
 each row's ``ran`` says what ran). Tokens/s then counts real (non-pad) tokens: all the rows'
 tokens, per step on average, over the mean timed step; MFU's attention term uses the
@@ -175,6 +176,8 @@ def implementations(spec, data: dict[str, list[dict]], workdir: Path, args) -> d
             "ours-padding-free": ours_run(padding_free=True, attention="sdpa_varlen", label="ours_padding_free"),
             "ours-padding-free-sdpa-mask": ours_run(padding_free=True, attention="sdpa", label="ours_padding_free_sdpa_mask"),
         }
+        if torch.cuda.is_available():  # FlexAttention has no backward on a CPU
+            runs["ours-padding-free-flex"] = ours_run(padding_free=True, attention="flex_attention", label="ours_padding_free_flex")
     for peer in ("trl", "trl-liger"):
         if peer in args.peer:
             liger = peer == "trl-liger"
