@@ -13,12 +13,13 @@ from torch import Tensor
 
 from grape_lightning.algorithms.base import PolicyModule, as_dataclass, log_stage
 from grape_lightning.algorithms.optim import OptimizerConfig
-from grape_lightning.data.collate import padding_free, resolve_padding_free, sequence_ids, sequence_sums
+from grape_lightning.data.collate import padding_free, sequence_ids, sequence_sums
 from grape_lightning.data.preference import collate_pairs
 from grape_lightning.losses.dpo import DPOLossType, dpo_loss
 from grape_lightning.losses.sft import sft_loss
 from grape_lightning.models.logprobs import response_logprobs
 from grape_lightning.models.spec import ModelSpec
+from grape_lightning.models.varlen_attention import padding_free_wanted
 
 ReferenceMode = Literal["online", "precompute"]
 
@@ -65,7 +66,8 @@ class DPOModule(PolicyModule):
             ``<default_root_dir>/reference_logps``).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         logprob_chunk_size: response tokens per chunk of the LM-head log-prob computation.
-        padding_free: run each batch as one packed row without padding (None: on CUDA devices).
+        padding_free: run each batch as one packed row without padding (None: where the policy's
+            attention runs packed rows sequence by sequence, as ``sdpa_varlen``, the default on CUDA).
     """
 
     def __init__(
@@ -113,7 +115,7 @@ class DPOModule(PolicyModule):
         return total / sequence_sums(mask, ids, count).clamp(min=1) if self.length_normalize else total
 
     def _batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return padding_free(batch) if resolve_padding_free(self.padding_free, self.device) else batch
+        return padding_free(batch) if padding_free_wanted(self.padding_free, self.policy) else batch
 
     @torch.no_grad()
     def _reference_logps(self, batch: dict[str, Tensor], split: str) -> Tensor:

@@ -7,9 +7,10 @@ from torch import Tensor
 
 from grape_lightning.algorithms.base import PolicyModule, as_dataclass, log_stage
 from grape_lightning.algorithms.optim import OptimizerConfig
-from grape_lightning.data.collate import padding_free, resolve_padding_free
+from grape_lightning.data.collate import padding_free
 from grape_lightning.losses.sft import sft_token_weights
 from grape_lightning.models.spec import ModelSpec
+from grape_lightning.models.varlen_attention import padding_free_wanted
 
 
 class SFTModule(PolicyModule):
@@ -28,7 +29,8 @@ class SFTModule(PolicyModule):
         policy: the model to train (a :class:`ModelSpec`).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         logprob_chunk_size: response tokens per chunk of the LM-head log-prob computation.
-        padding_free: run each batch as one packed row without padding (None: on CUDA devices).
+        padding_free: run each batch as one packed row without padding (None: where the policy's
+            attention runs packed rows sequence by sequence, as ``sdpa_varlen``, the default on CUDA).
     """
 
     def __init__(
@@ -47,7 +49,7 @@ class SFTModule(PolicyModule):
         self.padding_free = padding_free
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        if resolve_padding_free(self.padding_free, self.device):
+        if padding_free_wanted(self.padding_free, self.policy):
             batch = padding_free(batch)
         mask = batch["response_mask"].bool()
         # The token mean of the global batch: normalised by every rank's tokens (one all-reduce)

@@ -109,9 +109,3 @@ def sequence_sums(values: Tensor, ids: Tensor, num_sequences: int) -> Tensor:
     A masked sum per sequence rather than a scatter-add, so it is deterministic on every device."""
     members = ids.flatten()[None, :] == torch.arange(num_sequences, device=ids.device)[:, None]
     return (values.flatten()[None, :] * members).sum(-1)
-
-
-def resolve_padding_free(option: bool | None, device: torch.device) -> bool:
-    """A module's ``padding_free`` setting: None means on with a CUDA device (where packed rows
-    run variable-length flash attention), off elsewhere, where padded batches stay as they were."""
-    return device.type == "cuda" if option is None else option

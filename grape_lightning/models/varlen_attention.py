@@ -29,6 +29,20 @@ from transformers.masking_utils import sdpa_mask
 
 VARLEN_ATTENTION = "sdpa_varlen"
 
+SEQUENCE_WISE_ATTENTION = (VARLEN_ATTENTION, "flash_attention_2", "flash_attention_3", "flex_attention")
+"""Attention implementations that run a packed row sequence by sequence (no work across the
+sequences of a row); ``sdpa`` and ``eager`` mask a packed row block-diagonally, exact but with
+the work of one sequence as long as the row."""
+
+
+def padding_free_wanted(option: bool | None, model: nn.Module) -> bool:
+    """A module's ``padding_free`` setting for ``model``: None means on where the model's attention
+    is in :data:`SEQUENCE_WISE_ATTENTION` (``sdpa_varlen`` is the default on CUDA), off elsewhere,
+    where batches stay padded as they were."""
+    if option is not None:
+        return option
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in SEQUENCE_WISE_ATTENTION
+
 
 def sequence_boundaries(position_ids: Tensor) -> tuple[Tensor, int]:
     """(cumulative lengths [n + 1] as int32, longest length) of the sequences of the rows of
@@ -56,14 +70,26 @@ class _Boundaries:
         return cls.value  # type: ignore[return-value]
 
 
-def _flash_varlen_available(query: Tensor) -> bool:
+def _flash_varlen_options(query: Tensor, scale: float | None) -> dict[str, Any] | None:
+    """Keyword arguments of ``varlen_attn`` for causal attention at ``scale`` in this torch (2.10
+    names causality ``is_causal``; later versions take a (left, right) window, and ``enable_gqa``
+    for grouped heads, present here when accepted), or None where it cannot run: not CUDA,
+    not 16-bit, no ``varlen_attn``, or a scale it cannot take."""
     if query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
-        return False
+        return None
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return False
-    return True
+        return None
+    accepted = inspect.signature(varlen_attn).parameters
+    options: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in accepted else {"is_causal": True}
+    if "enable_gqa" in accepted:
+        options["enable_gqa"] = False
+    if "scale" in accepted:
+        options["scale"] = scale
+    elif scale is not None and abs(scale - query.shape[-1] ** -0.5) > 1e-12:
+        return None
+    return options
 
 
 def varlen_attention(
@@ -72,19 +98,16 @@ def varlen_attention(
     """Causal attention within each sequence of ``cumulative`` lengths. query [tokens, heads, dim],
     key/value [tokens, kv_heads, dim] (grouped-query heads shared); returns [tokens, heads, dim]."""
     grouped = query.shape[1] != key.shape[1]
-    if dropout == 0.0 and _flash_varlen_available(query):
+    options = _flash_varlen_options(query, scale) if dropout == 0.0 else None
+    if options is not None:
         from torch.nn.attention.varlen import varlen_attn
 
-        # causal and grouped-query options as this torch names them (2.10 has is_causal and no
-        # grouped heads; later versions a (left, right) window and enable_gqa)
-        options = inspect.signature(varlen_attn).parameters
-        extra: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in options else {"is_causal": True}
         if grouped and "enable_gqa" in options:
-            extra["enable_gqa"] = True
-        elif grouped:
+            options["enable_gqa"] = True
+        elif grouped:  # a torch whose varlen_attn has no grouped heads: each query head gets its own copy
             repeats = query.shape[1] // key.shape[1]
             key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
-        return varlen_attn(query, key, value, cumulative, cumulative, longest, longest, scale=scale, **extra)
+        return varlen_attn(query, key, value, cumulative, cumulative, longest, longest, **options)
     outputs = []
     bounds = cumulative.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):

@@ -139,14 +139,37 @@ def test_attention_stays_inside_each_sequence_of_a_packed_row(implementation):
     assert (after[ids == 1] - before[ids == 1]).abs().max() > 1e-3
 
 
-def test_padding_free_defaults_to_cuda_only():
-    """None (the default) keeps padded batches off CUDA; the CPU path is unchanged."""
-    from grape_lightning.data.collate import resolve_padding_free
+def test_padding_free_by_default_only_with_sequence_wise_attention():
+    """None (the default) flattens batches where the policy's attention runs a packed row sequence
+    by sequence (sdpa_varlen, the default on CUDA), not under sdpa's block-diagonal mask (the CPU
+    default: padded batches as before)."""
+    from grape_lightning.models.varlen_attention import padding_free_wanted
 
-    assert SFTModule(tiny_spec()).padding_free is None and DPOModule(tiny_spec()).padding_free is None
-    assert resolve_padding_free(None, torch.device("cpu")) is False
-    assert resolve_padding_free(None, torch.device("cuda")) is True
-    assert resolve_padding_free(False, torch.device("cuda")) is False
+    plain, varlen = SFTModule(tiny_spec()), DPOModule(tiny_spec(attn_implementation="sdpa_varlen"))
+    assert plain.padding_free is None and varlen.padding_free is None
+    if not torch.cuda.is_available():
+        assert plain.policy.config._attn_implementation == "sdpa"
+    assert padding_free_wanted(None, plain.policy) is torch.cuda.is_available()
+    assert padding_free_wanted(None, varlen.policy) is True
+    assert padding_free_wanted(False, varlen.policy) is False and padding_free_wanted(True, plain.policy) is True
+    # the batch each module's step hands to the policy: padded [2, 3] under sdpa (off CUDA), one
+    # row of the 5 real tokens under sdpa_varlen
+    sft_batch = collate_prompt_completion([([5, 6], [7]), ([8], [9])], pad_token_id=0)
+    dpo_batch = collate_pairs([{"pair_id": 0, "prompt_ids": [5], "chosen_ids": [6], "rejected_ids": [7, 8], "margin": 0.0}], 0)
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def record(batch, **kwargs):
+        seen.append(tuple(batch["input_ids"].shape))
+        raise Seen
+
+    for module, batch in ((plain, sft_batch), (varlen, dpo_batch)):
+        module.policy_logprobs = record
+        with pytest.raises(Seen):
+            module._step(batch, "train")
+    assert seen == [(1, 5) if torch.cuda.is_available() else (2, 3), (1, 5)]
 
 
 @pytest.mark.gpu
