@@ -10,15 +10,14 @@ response lengths drawn log-uniformly from ``--min-response`` to the most that fi
 (seeded; chosen and rejected drawn apart), the same rows for every implementation, each side run
 padded and padding-free: ours padded (``padding_free=False``), padding-free with the
 ``sdpa_varlen`` attention, with transformers' block-diagonal ``sdpa`` mask and (on CUDA) with its
-``flex_attention`` document mask; TRL
-padded and with ``padding_free=True`` (where TRL refuses that, SFT falls back to ``packing=True``;
-each row's ``ran`` says what ran). Tokens/s then counts real (non-pad) tokens: all the rows'
-tokens, per step on average, over the mean timed step; MFU's attention term uses the
-token-weighted mean sequence length.
+``flex_attention`` document mask; TRL padded and with ``padding_free=True`` (where TRL refuses
+that under sdpa: under flex_attention, then for SFT ``packing=True``; each row's ``ran`` says
+what ran). Tokens/s then counts real (non-pad) tokens: all the rows' tokens, per step on
+average, over the mean timed step; MFU's attention term uses the token-weighted mean length.
 
 Same settings on both sides: bf16 weights, AdamW, no gradient checkpointing, completion-only SFT
 loss, DPO (sigmoid, beta 0.1) with the reference evaluated online every step, the same rows
-(random words of the synthetic tokenizer: every row is exactly ``--seq`` tokens). A step's time
+(random words of the synthetic tokenizer). A step's time
 is measured from its start to the end of its optimizer step, device synchronised; the first
 ``--warmup`` steps are left out and the median of the rest is reported. Tokens are those of the
 trained sequences (for DPO, chosen plus rejected). MFU counts 6 N + attention FLOPs per trained
@@ -121,15 +120,14 @@ def ours(kind: str, spec, data_file: Path, args, padding_free: bool | None = Non
 
 
 def trl_peer(kind: str, spec, rows: list[dict], args, liger: bool = False, padding_free: bool = False) -> dict:
-    """TRL's trainer on ``rows``; ``ran`` names the mode that ran. Padding-free SFT that TRL
-    refuses with sdpa attention falls back to ``packing=True``."""
+    """TRL's trainer on ``rows``; ``ran`` says what ran. Padding-free runs try TRL's
+    ``padding_free=True`` with sdpa attention, then (if TRL refuses that) with transformers'
+    flex_attention (no download), then for SFT ``packing=True``; each refusal is noted in ``ran``."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, tokenizer_class="PreTrainedTokenizerFast")
-    model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=torch.bfloat16, attn_implementation="sdpa")
     common = dict(
         output_dir=tempfile.mkdtemp(), max_steps=args.warmup + args.steps, learning_rate=1e-5, weight_decay=0.0,
         bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, logging_steps=10_000, save_strategy="no", report_to="none",
@@ -137,24 +135,34 @@ def trl_peer(kind: str, spec, rows: list[dict], args, liger: bool = False, paddi
         use_liger_kernel=liger,
     )
     timer = hf_step_timer()
-    ran = ("liger " if liger else "") + ("padding_free" if padding_free else "padded")
-    if kind == "sft":
-        def sft_trainer(**mode):
+
+    def trainer_with(attention: str, mode: dict):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=torch.bfloat16, attn_implementation=attention)
+        if kind == "sft":
             config = SFTConfig(per_device_train_batch_size=args.sft_batch, completion_only_loss=True, **mode, **common)
             return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                               callbacks=[timer])
-        try:
-            trainer = sft_trainer(packing=False, **({"padding_free": True} if padding_free else {}))
-        except (ValueError, NotImplementedError) as refusal:
-            if not padding_free:
-                raise
-            ran = ("liger " if liger else "") + f"packing (padding_free refused: {str(refusal)[:120]})"
-            trainer = sft_trainer(packing=True)
+        config = DPOConfig(per_device_train_batch_size=args.dpo_pairs, beta=0.1, precompute_ref_log_probs=False, **mode, **common)
+        return DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          callbacks=[timer])
+
+    padded = {"packing": False} if kind == "sft" else {}
+    if not padding_free:
+        attempts = [("sdpa", padded)]
     else:
-        extra = {"padding_free": True} if padding_free else {}
-        config = DPOConfig(per_device_train_batch_size=args.dpo_pairs, beta=0.1, precompute_ref_log_probs=False, **extra, **common)
-        trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                             callbacks=[timer])
+        attempts = [("sdpa", {**padded, "padding_free": True}), ("flex_attention", {**padded, "padding_free": True})]
+        attempts += [("sdpa", {"packing": True})] if kind == "sft" else []
+    refusals = []
+    for attention, mode in attempts:
+        try:
+            trainer = trainer_with(attention, mode)
+            break
+        except (ValueError, NotImplementedError) as refusal:
+            if attempts[-1] == (attention, mode):
+                raise
+            refusals.append(f"{attention} {mode} refused: {str(refusal)[:120]}")
+    ran = "; ".join([*refusals, f"{'liger ' if liger else ''}{attention} {mode}"])
     reset_peak_memory()
     trainer.train()
     return {"seconds": timer.seconds[args.warmup:], "peak_gib": peak_memory_gib(), "ran": ran}

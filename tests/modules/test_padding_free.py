@@ -15,7 +15,7 @@ from grape_lightning.data.collate import collate_prompt_completion, padding_free
 from grape_lightning.data.preference import collate_pairs
 from grape_lightning.models.logprobs import response_logprobs
 from grape_lightning.models.varlen_attention import sequence_boundaries
-from tests.conftest import tiny_spec
+from tests.conftest import TINY_CONFIG, tiny_spec
 
 IMPLEMENTATIONS = ["sdpa", "sdpa_varlen"]
 
@@ -195,7 +195,8 @@ def test_flash_varlen_attention_matches_per_sequence_sdpa_on_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_policy_loads_with_varlen_attention_and_matches_padded():
-    module = SFTModule(tiny_spec(dtype="bfloat16")).cuda()
+    config = {**TINY_CONFIG, "hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}  # head_dim 64
+    module = SFTModule(tiny_spec(config=config, dtype="bfloat16")).cuda()
     assert module.policy.config._attn_implementation == "sdpa_varlen"
     generator = torch.Generator().manual_seed(4)
     pairs = _random_pairs(generator, 6, module.policy.config.vocab_size)
