@@ -93,7 +93,8 @@ def _flash_varlen_options(query: Tensor, scale: float | None) -> dict[str, Any] 
 
 
 def varlen_attention(
-    query: Tensor, key: Tensor, value: Tensor, cumulative: Tensor, longest: int, scale: float | None, dropout: float = 0.0
+    query: Tensor, key: Tensor, value: Tensor, cumulative: Tensor, longest: int, scale: float | None,
+    dropout: float = 0.0,
 ) -> Tensor:
     """Causal attention within each sequence of ``cumulative`` lengths. query [tokens, heads, dim],
     key/value [tokens, kv_heads, dim] (grouped-query heads shared); returns [tokens, heads, dim]."""
@@ -121,7 +122,9 @@ def varlen_attention(
 
 
 @torch.compiler.disable
-def _packed_attention(query: Tensor, key: Tensor, value: Tensor, position_ids: Tensor, scaling: float | None, dropout: float) -> Tensor | None:
+def _packed_attention(
+    query: Tensor, key: Tensor, value: Tensor, position_ids: Tensor, scaling: float | None, dropout: float
+) -> Tensor | None:
     """:func:`varlen_attention` over the sequences of ``position_ids``, or None when each row
     holds one sequence. Left out of ``torch.compile`` graphs (a compiled decoder layer breaks its
     graph here): the sequence boundaries are data, and the longest length is read on the host."""
@@ -151,7 +154,9 @@ def sdpa_varlen_attention_forward(
         output = _packed_attention(query, key, value, position_ids, scaling, dropout)
         if output is not None:
             return output, None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
 
 
 def sdpa_varlen_mask(
@@ -163,7 +168,8 @@ def sdpa_varlen_mask(
     other call (padding, a cache, a sliding window are in its mask function)."""
     whole_rows = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0
     config = kwargs.get("config")
-    if attention_mask is None and whole_rows and q_length == kv_length and (config is None or supports_varlen(config)):
+    full_causal = config is None or supports_varlen(config)
+    if attention_mask is None and whole_rows and q_length == kv_length and full_causal:
         return None
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
@@ -173,9 +179,9 @@ def supports_varlen(config: Any) -> bool:
     """Models whose attention the packed path reproduces: full causal attention in every layer
     (no sliding window, no soft-capped scores)."""
     layer_types = getattr(config, "layer_types", None) or []
-    return (
-        getattr(config, "sliding_window", None) in (None, 0) or not getattr(config, "use_sliding_window", True)
-    ) and all(kind == "full_attention" for kind in layer_types) and getattr(config, "attn_logit_softcapping", None) is None
+    no_window = getattr(config, "sliding_window", None) in (None, 0) or not getattr(config, "use_sliding_window", True)
+    full_layers = all(kind == "full_attention" for kind in layer_types)
+    return no_window and full_layers and getattr(config, "attn_logit_softcapping", None) is None
 
 
 AttentionInterface.register(VARLEN_ATTENTION, sdpa_varlen_attention_forward)
