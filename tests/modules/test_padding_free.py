@@ -224,3 +224,15 @@ def test_varlen_attention_inside_compiled_decoder_layers():
         free = module.policy_logprobs(padding_free(batch)).logprobs[0]
     torch._dynamo.reset()
     torch.testing.assert_close(free, padded, rtol=0, atol=1e-10)
+
+
+def test_varlen_attention_only_for_full_causal_attention():
+    from transformers import AutoConfig
+
+    from grape_lightning.models.varlen_attention import supports_varlen
+
+    assert supports_varlen(AutoConfig.for_model("qwen2", **{k: v for k, v in TINY_CONFIG.items() if k != "model_type"}))
+    assert supports_varlen(AutoConfig.for_model("llama", hidden_size=32, num_attention_heads=4))
+    assert not supports_varlen(AutoConfig.for_model("mistral", hidden_size=32, num_attention_heads=4, sliding_window=16))
+    assert not supports_varlen(AutoConfig.for_model("qwen2", hidden_size=32, num_attention_heads=4, use_sliding_window=True,
+                                                    sliding_window=16, max_window_layers=0))
