@@ -85,13 +85,12 @@ def padding_free(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     if "attention_mask" not in batch:
         return batch
     real = batch["attention_mask"].bool()
-    positions = positions_from_mask(real)
+    index = real.flatten().nonzero().squeeze(1)  # the one host synchronisation: the count of real tokens
     rows = torch.arange(real.shape[0], device=real.device)[:, None].expand_as(real)
     flat = {key: value for key, value in batch.items() if key != "attention_mask"}
-    for key in ("input_ids", "response_mask"):
-        flat[key] = batch[key][real][None]
-    flat["position_ids"] = positions[real][None]
-    flat["sequence_ids"] = rows[real][None]
+    for key, value in (("input_ids", batch["input_ids"]), ("response_mask", batch["response_mask"]),
+                       ("position_ids", positions_from_mask(real)), ("sequence_ids", rows)):
+        flat[key] = value.flatten()[index][None]
     return flat
 
 

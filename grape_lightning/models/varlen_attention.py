@@ -50,9 +50,11 @@ def sequence_boundaries(position_ids: Tensor) -> tuple[Tensor, int]:
     each row and wherever the position does not follow the previous one."""
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    start_index = starts.flatten().nonzero().flatten()
+    # read on the host once (one synchronisation): the kernel takes the longest length as a number
+    start_index = starts.flatten().cpu().nonzero().flatten()
     cumulative = torch.cat([start_index, start_index.new_tensor([position_ids.numel()])]).to(torch.int32)
-    return cumulative, int((cumulative[1:] - cumulative[:-1]).max())
+    longest = int((cumulative[1:] - cumulative[:-1]).max())
+    return cumulative.to(position_ids.device, non_blocking=True), longest
 
 
 class _Boundaries:
