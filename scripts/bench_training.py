@@ -192,6 +192,8 @@ def implementations(spec, data: dict[str, list[dict]], workdir: Path, args) -> d
             runs[peer] = lambda kind, liger=liger: trl_peer(kind, spec, data[kind], args, liger=liger)
             if args.lengths == "variable":
                 runs[f"{peer}-padding-free"] = lambda kind, liger=liger: trl_peer(kind, spec, data[kind], args, liger=liger, padding_free=True)
+    if args.only:
+        runs = {name: run for name, run in runs.items() if name in args.only}
     return runs
 
 
@@ -212,6 +214,7 @@ def main() -> None:
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="our decoder layers compiled (ModelSpec.compile)")
     parser.add_argument("--profile", type=int, default=0, help="profile this many of our steps (after 2) and print the top operators")
     parser.add_argument("--out", default=None, help="folder for profile tables")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these implementations (names as in the report)")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp())
