@@ -68,6 +68,11 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
         optimizer: AdamW and learning-rate schedule (:class:`OptimizerConfig`; defaults when None).
     """
 
+    differentiates_twice = False
+    """True for an algorithm whose step takes second derivatives through the model (TRPO's
+    Fisher-vector products): compiled decoder layers have no double backward, so its layers stay
+    eager."""
+
     def __init__(self, optimizer: OptimizerConfig | dict | None = None) -> None:
         super().__init__()
         self.optimizer_config: OptimizerConfig = as_dataclass(optimizer, OptimizerConfig) or OptimizerConfig()
@@ -117,6 +122,11 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Compile the decoder layers of the policy and the reference (``ModelSpec.compile``)."""
+        if self.differentiates_twice:
+            if self.policy_spec.compile:
+                raise ValueError(f"{type(self).__name__} takes second derivatives through the policy, which compiled "
+                                 "layers do not support: leave policy.compile unset or false")
+            return
         if compile_wanted(self.policy_spec, self.device, self.trainer.strategy):
             for model in (self.policy, self.reference):
                 if isinstance(model, nn.Module):

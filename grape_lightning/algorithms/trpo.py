@@ -62,6 +62,7 @@ class TRPOModule(OnPolicyModule):
     """
 
     updates_sharded_parameters = False  # the natural-gradient algebra works on whole parameter tensors
+    differentiates_twice = True  # the Fisher-vector products: its layers are never compiled
 
     def __init__(
         self,

@@ -10,6 +10,9 @@ the first step of each new sequence length compiles (then shapes are traced as d
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -33,3 +36,15 @@ def compile_decoder_layers(model: nn.Module) -> int:
     for layer in layers:
         layer.compile(dynamic=None)
     return len(layers)
+
+
+@contextlib.contextmanager
+def eager_layers() -> Iterator[None]:
+    """Compiled functions run as plain Python inside the block (where torch has
+    ``torch.compiler.set_stance``; nothing changes otherwise)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from grape_lightning.data.collate import pad_left
+from grape_lightning.models.compile import eager_layers
 from grape_lightning.models.logprobs import positions_from_mask
 from grape_lightning.rollout.decoding import (
     assemble_generation,
@@ -47,6 +48,14 @@ class KVCacheEngine:
         prompt_ids: list[list[int]],
         params: SamplingParams,
         generator: torch.Generator | None = None,
+    ) -> Generation:
+        # compiled decoder layers (training on a GPU) run eagerly here: each decoding step's new
+        # cache length would make them trace again
+        with eager_layers():
+            return self._generate(model, prompt_ids, params, generator)
+
+    def _generate(
+        self, model: nn.Module, prompt_ids: list[list[int]], params: SamplingParams, generator: torch.Generator | None
     ) -> Generation:
         check_prompts(prompt_ids)
         device = next(model.parameters()).device

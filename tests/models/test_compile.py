@@ -47,3 +47,26 @@ def test_compiled_layers_give_the_eager_log_probs_and_gradients():
         torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-5)
         for got, want in zip(outputs[1][1], outputs[0][1]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_trpo_keeps_eager_layers_and_refuses_compiled_ones():
+    """TRPO's Fisher-vector products differentiate twice through the policy, which compiled layers
+    cannot: by default its layers stay eager; asked to compile, it says why not."""
+    from grape_lightning.algorithms import TRPOModule
+    from grape_lightning.rewards import ExactMatch
+
+    assert TRPOModule.differentiates_twice
+    with pytest.raises(ValueError, match="second derivatives"):
+        TRPOModule(tiny_spec(compile=True), rewards=[ExactMatch()]).on_fit_start()
+
+
+def test_eager_layers_runs_compiled_code_as_written():
+    """The reference engine generates inside ``eager_layers``: a compiled function is not traced there."""
+    from grape_lightning.models.compile import eager_layers
+
+    def refusing_backend(graph, example_inputs):
+        raise AssertionError("traced inside eager_layers")
+
+    double = torch.compile(lambda x: 2 * x, backend=refusing_backend)
+    with eager_layers():
+        assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
