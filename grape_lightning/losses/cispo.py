@@ -44,7 +44,7 @@ def cispo_loss(
     count = mask.sum() if num_tokens is None else num_tokens
     loss = -total / max(float(count), 1.0)
     with torch.no_grad():
-        tokens = mask.sum().clamp(min=1)
+        tokens = mask.sum().clamp(min=1).to(logprobs.dtype)
         metrics = {
             "policy_loss": loss.detach(),
             "clip_fraction_low": ((ratio < 1.0 - eps_low) & mask).sum() / tokens,

@@ -34,7 +34,7 @@ def gspo_loss(
     s_it equals s_i in value, so with A_it = A_i the loss and its gradient are GSPO's.
     Metrics: ``policy_loss``, ``clip_fraction_low`` / ``clip_fraction_high`` (response tokens whose
     clip is active: s below 1 - eps_low with A < 0, above 1 + eps_high with A > 0) and
-    ``ratio_mean`` (s_i averaged over the sequences).
+    ``ratio_mean`` (s_i averaged over the response tokens: each sequence weighs its length).
     """
     mask = mask.bool()
     if advantages.dim() == 2 and not token_level:
@@ -56,11 +56,12 @@ def gspo_loss(
     count = int(present.sum()) if num_sequences is None else num_sequences
     loss = -torch.where(present, per_sequence, 0.0).sum() / max(float(count), 1.0)
     with torch.no_grad():
-        tokens = mask.sum().clamp(min=1)
+        # token means (the update weighs micro-batches by their tokens), in the log-probs' precision
+        tokens = mask.sum().clamp(min=1).to(logprobs.dtype)
         metrics = {
             "policy_loss": loss.detach(),
             "clip_fraction_low": ((ratio < 1.0 - eps_low) & (token_advantages < 0) & mask).sum() / tokens,
             "clip_fraction_high": ((ratio > 1.0 + eps_high) & (token_advantages > 0) & mask).sum() / tokens,
-            "ratio_mean": sequence_ratio[present].sum() / present.sum().clamp(min=1),
+            "ratio_mean": (sequence_ratio * mask.sum(-1)).sum() / tokens,
         }
     return loss, metrics
