@@ -81,10 +81,14 @@ class GSPOModule(OnPolicyModule):
     def needs_old_logprobs(self) -> bool:
         return not self.update_config.one_step_per_rollout
 
-    def policy_loss(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, num_sequences: float, num_tokens: float):
+    def policy_loss(
+        self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, num_sequences: float, num_tokens: float
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         return gspo_loss(logprobs, old_logprobs, advantages, mask, eps_low=self.eps_low, eps_high=self.eps_high,
                          token_level=self.token_level, num_sequences=num_sequences)
 
     def update(self, rollout: Rollout) -> None:
-        advantages = compute_advantages(self.advantage, rollout.rewards, rollout.groups, rollout.valid, sum_across=self.sum_across_processes)
-        self.log_metrics(policy_update(self, rollout, advantages.advantages, self.policy_loss))
+        advantages = compute_advantages(
+            self.advantage, rollout.rewards, rollout.groups, rollout.valid, sum_across=self.sum_across_processes
+        ).advantages
+        self.log_metrics(policy_update(self, rollout, advantages, self.policy_loss))

@@ -38,7 +38,9 @@ def old_logprobs(module: OnPolicyModule, rollout: Rollout, micro: Tensor, logpro
 def advantage_statistics(module: OnPolicyModule, rollout: Rollout, advantages: Tensor, tied: Tensor) -> dict[str, float]:
     """``tied_groups`` (the share of groups whose rewards all tie: zero advantages) and
     ``advantage_abs_mean`` (over the valid rows), both over every process."""
-    totals = torch.stack([tied.sum(), torch.tensor(tied.numel(), device=tied.device), advantages[rollout.valid].abs().sum(), rollout.valid.sum()])
+    totals = torch.stack([
+        tied.sum(), torch.tensor(tied.numel(), device=tied.device), advantages[rollout.valid].abs().sum(), rollout.valid.sum(),
+    ])
     tied_count, group_count, advantage_abs, valid_count = module.sum_across_processes(totals.double()).tolist()
     return {"tied_groups": tied_count / max(group_count, 1.0), "advantage_abs_mean": advantage_abs / max(valid_count, 1.0)}
 
@@ -57,7 +59,8 @@ def policy_update(module: OnPolicyModule, rollout: Rollout, advantages: Tensor, 
         inputs = rollout.model_inputs(micro)
         token = module.token_logprobs(inputs, with_entropy=True)
         mask = inputs["response_mask"] & valid[micro, None]
-        value, metrics = loss(token.logprobs, old_logprobs(module, rollout, micro, token.logprobs), advantages[micro], mask, num_sequences, num_tokens)
+        pi_old = old_logprobs(module, rollout, micro, token.logprobs)
+        value, metrics = loss(token.logprobs, pi_old, advantages[micro], mask, num_sequences, num_tokens)
         tokens = float(mask.sum())
         metrics["entropy"] = (token.entropy.detach() * mask).sum() / max(tokens, 1.0)
         return LossOutput(value, terms={"policy_loss": metrics.pop("policy_loss")}, means=metrics, weight=tokens)

@@ -90,7 +90,9 @@ def test_gspo_loss_and_gradient_match_loops(seed):
     tokens = sum(map(sum, mask))
     ratio_sum = math.fsum(sequence_ratio(n, o, m) * sum(m) for n, o, m in zip(new, old, mask) if any(m))
     torch.testing.assert_close(metrics["ratio_mean"], t(ratio_sum / tokens), **TOL)
-    clipped_high = sum(sum(m) for n, o, m, a in zip(new, old, mask, advantages) if any(m) and a > 0 and sequence_ratio(n, o, m) > 1 + EPS_HIGH)
+    clipped_high = sum(
+        sum(m) for n, o, m, a in zip(new, old, mask, advantages) if any(m) and a > 0 and sequence_ratio(n, o, m) > 1 + EPS_HIGH
+    )
     torch.testing.assert_close(metrics["clip_fraction_high"], t(clipped_high / tokens), **TOL)
 
 
