@@ -1,9 +1,11 @@
 """One LightningModule per algorithm."""
 
 from grape_lightning.algorithms.base import PolicyModule
+from grape_lightning.algorithms.cispo import CISPOModule
 from grape_lightning.algorithms.dpo import DPOModule
 from grape_lightning.algorithms.grape import GRAPEModule
 from grape_lightning.algorithms.grpo import GRPOModule
+from grape_lightning.algorithms.gspo import GSPOModule
 from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.algorithms.ppo import PPOModule
@@ -18,6 +20,6 @@ from grape_lightning.advantages import AdvantageConfig
 from grape_lightning.rollout.off_policy import OffPolicyConfig
 
 __all__ = [
-    "AdvantageConfig", "SurrogateConfig", "UpdateConfig", "DPOModule", "GRAPEModule", "GRPOModule", "OffPolicyConfig", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "PPOModule", "REINFORCEModule",
+    "AdvantageConfig", "SurrogateConfig", "UpdateConfig", "CISPOModule", "DPOModule", "GRAPEModule", "GRPOModule", "GSPOModule", "OffPolicyConfig", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "PPOModule", "REINFORCEModule",
     "RejectionSamplingModule", "RewardModelModule", "SFTModule", "TRPOModule",
 ]

@@ -89,7 +89,7 @@ class GRAPEModule(OnPolicyModule):
     def needs_old_logprobs(self) -> bool:
         # as GRPO's: one pass, one mini-batch reads pi_old off the update's own forward (off-policy
         # members included, whose sampler log-probs do not exist)
-        return self.update_config.epochs > 1 or self.update_config.mini_batch_size is not None
+        return not self.update_config.one_step_per_rollout
 
     def update(self, rollout: Rollout) -> None:
         advantages = compute_advantages(self.advantage, rollout.rewards, rollout.groups, rollout.valid, sum_across=self.sum_across_processes)

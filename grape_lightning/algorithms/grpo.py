@@ -69,7 +69,7 @@ class GRPOModule(OnPolicyModule):
     def needs_old_logprobs(self) -> bool:
         # One pass, one mini-batch: the update's weights are the sampling weights, so pi_old is the
         # detached log-prob of the update's own forward pass (the ratio is exactly 1).
-        return self.update_config.epochs > 1 or self.update_config.mini_batch_size is not None
+        return not self.update_config.one_step_per_rollout
 
     def update(self, rollout: Rollout) -> None:
         advantages = compute_advantages(self.advantage, rollout.rewards, rollout.groups, rollout.valid, sum_across=self.sum_across_processes)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from grape_lightning.advantages import group_statistics
+from grape_lightning.algorithms.policy_update import advantage_statistics, old_logprobs
 from grape_lightning.algorithms.update_loop import LossOutput, run_update
 from grape_lightning.losses.aggregation import Aggregation, aggregate
 from grape_lightning.losses.grpo import grpo_loss
@@ -78,10 +79,9 @@ def surrogate_update(
         inputs = rollout.model_inputs(micro)
         token = module.token_logprobs(inputs, with_entropy=True)
         mask = inputs["response_mask"] & trained[micro, None]
-        old_logprobs = rollout.take("old_logprobs", micro) if module.needs_old_logprobs else token.logprobs.detach()
         ref_logprobs = rollout.take("ref_logprobs", micro) if with_kl else None
         loss, metrics = grpo_loss(
-            token.logprobs, old_logprobs, advantages[micro], mask, ref_logprobs=ref_logprobs, beta=config.beta,
+            token.logprobs, old_logprobs(module, rollout, micro, token.logprobs), advantages[micro], mask, ref_logprobs=ref_logprobs, beta=config.beta,
             eps_low=config.eps_low, eps_high=config.eps_high, aggregation=config.aggregation,
             kl_estimator=config.kl_estimator, constant_length=constant_length, num_sequences=num_sequences, num_tokens=num_tokens,
         )
@@ -98,6 +98,4 @@ def surrogate_update(
 
     rows = trained.nonzero().flatten()
     metrics = run_update(module, rows, module.update_config, normalisers, micro_loss)
-    totals = torch.stack([tied.sum(), torch.tensor(tied.numel(), device=tied.device), advantages[rollout.valid].abs().sum(), rollout.valid.sum()])
-    tied_count, group_count, advantage_abs, valid_count = module.sum_across_processes(totals.double()).tolist()
-    return {**metrics, "tied_groups": tied_count / max(group_count, 1.0), "advantage_abs_mean": advantage_abs / max(valid_count, 1.0)}
+    return {**metrics, **advantage_statistics(module, rollout, advantages, tied)}

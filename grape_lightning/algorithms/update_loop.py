@@ -57,6 +57,12 @@ class UpdateConfig:
     gradient_checkpointing: bool = False
     logprob_chunk_size: int = 1024
 
+    @property
+    def one_step_per_rollout(self) -> bool:
+        """One pass, one mini-batch: the update's weights are the sampling weights, so pi_old's
+        log-probs are the detached ones of the update's own forward pass."""
+        return self.epochs == 1 and self.mini_batch_size is None
+
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.micro_batch_size < 1 or (self.mini_batch_size is not None and self.mini_batch_size < 1):
             raise ValueError(f"update: epochs, micro_batch_size and mini_batch_size must be >= 1, got {self}")

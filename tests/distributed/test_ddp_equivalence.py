@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_PROMPTS = 8  # per GRPO step: 4 per rank with two ranks
 GROUP_SIZE = 4
 STEPS = 3
+EPOCHS = {"gspo": 2, "cispo": 2}  # passes over each rollout batch, where more than one
 
 
 def _spec(algorithm: str):
@@ -50,7 +52,7 @@ def _spec(algorithm: str):
 
 def _setup(algorithm: str, devices: int):
     from grape_lightning.algorithms import (
-        AdvantageConfig, DPOModule, GRAPEModule, GRPOModule, OffPolicyConfig, OptimizerConfig, REINFORCEModule,
+        AdvantageConfig, CISPOModule, DPOModule, GRAPEModule, GRPOModule, GSPOModule, OffPolicyConfig, OptimizerConfig, REINFORCEModule,
         RejectionSamplingModule, SFTModule, SurrogateConfig, UpdateConfig,
     )
     from grape_lightning.algorithms.on_policy import derive_seed
@@ -82,7 +84,7 @@ def _setup(algorithm: str, devices: int):
 
     base = {
         "ppo": PPOModule, "reinforce": REINFORCEModule, "rejection_sampling": RejectionSamplingModule, "grape": GRAPEModule,
-        "trpo": TRPOModule,
+        "trpo": TRPOModule, "gspo": GSPOModule, "cispo": CISPOModule,
     }
 
     class SameGlobalRollout(base.get(algorithm, GRPOModule)):
@@ -113,6 +115,13 @@ def _setup(algorithm: str, devices: int):
         module = SameGlobalRollout(spec, rewards=rewards, advantage=AdvantageConfig("batch_mean", "batch"), kl_coef=0.1, **common)
     elif algorithm == "trpo":  # token means over every rank's tokens: uneven token counts across ranks
         module = SameGlobalRollout(spec, rewards=rewards, sampling=common["sampling"], trust_region={"max_kl": 0.05}, update=UpdateConfig(micro_batch_size=4))
+    elif algorithm in ("gspo", "cispo"):  # two passes over each rollout: the second's ratios (and clips) differ from 1
+        clip = {"eps_low": 0.02, "eps_high": 0.03} if algorithm == "gspo" else {"eps_low": 0.2, "eps_high": 0.28}
+        update = UpdateConfig(epochs=EPOCHS[algorithm], micro_batch_size=4, max_grad_norm=0.5)
+        module = SameGlobalRollout(
+            spec, rewards=rewards, advantage=AdvantageConfig("mean", "batch"), sampling=common["sampling"], optimizer=optimizer,
+            update=update, **clip,
+        )
     elif algorithm == "rejection_sampling":
         module = SameGlobalRollout(spec, rewards=rewards, keep_top_k=2, reward_threshold=1.0, **common)
     elif algorithm == "grape":  # confidence-weighted rubric, leave-one-out, off-policy responses for some prompts
@@ -223,7 +232,7 @@ def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list
     "algorithm, strategy",
     [
         ("grpo", "ddp"), ("grape", "ddp"), ("reinforce", "ddp"), ("rejection_sampling", "ddp"), ("ppo", "ddp"), ("trpo", "ddp"),
-        ("dpo", "ddp"),
+        ("dpo", "ddp"), ("gspo", "ddp"), ("cispo", "ddp"),
         ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"),
     ],
 )
@@ -239,7 +248,7 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
     moved = max(float((single["policy"]["policy." * (algorithm == "ppo") + n] - t).abs().max()) for n, t in _initial_policy(algorithm).items())
     print(f"\n{algorithm} / {strategy}: losses 1 process {single['losses']} / 2 processes {ranks[0]['losses']}; "
           f"max loss gap {loss_gap:.2e}, max weight gap {weight_gap:.2e} (weights moved up to {moved:.2e})")
-    assert len(single["losses"]) == STEPS
+    assert len(single["losses"]) == math.ceil(STEPS / EPOCHS.get(algorithm, 1))  # one loss logged per rollout batch
     assert loss_gap < 1e-10
     assert weight_gap < 1e-10
     assert moved > 1e-3
@@ -249,6 +258,8 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
         "grpo_tied": ("train/kl", "train/policy_loss"),
         "grape": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "reinforce": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
+        "gspo": ("train/policy_loss", "train/tied_groups", "train/advantage_abs_mean", "train/entropy", "train/clip_fraction_high", "train/ratio_mean"),
+        "cispo": ("train/policy_loss", "train/tied_groups", "train/advantage_abs_mean", "train/entropy", "train/clip_fraction_high", "train/ratio_mean"),
         "rejection_sampling": ("train/nll", "train/kept_fraction", "train/kept_reward"),
         "trpo": ("train/kl_after_step", "train/surrogate_improvement", "train/cg_residual", "train/advantage_abs_mean"),
         "ppo": ("train/kl", "train/kl_coef", "train/reward_scale", "train/advantage_std", "train/value_loss"),

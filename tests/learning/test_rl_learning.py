@@ -8,7 +8,10 @@ correctly under greedy decoding. Each run takes 100 optimizer steps (100 rollout
 import lightning as L
 import pytest
 
-from grape_lightning.algorithms import AdvantageConfig, GRPOModule, OptimizerConfig, REINFORCEModule, RejectionSamplingModule, SurrogateConfig
+from grape_lightning.algorithms import (
+    AdvantageConfig, CISPOModule, GRPOModule, GSPOModule, OptimizerConfig, REINFORCEModule, RejectionSamplingModule, SurrogateConfig,
+    UpdateConfig,
+)
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.models import ModelSpec
 from grape_lightning.rewards import NumericMatch
@@ -17,6 +20,10 @@ from grape_lightning.rollout import RolloutDataModule, SamplingParams
 ALGORITHMS = {
     "grpo": (GRPOModule, {"loss": SurrogateConfig(beta=0.0)}),
     "grpo_kl_token": (GRPOModule, {"loss": SurrogateConfig(beta=0.01, aggregation="token", eps_high=0.28)}),
+    # two steps per rollout batch (mini-batches of 64 of its 128 responses): the second step's
+    # ratios differ from 1, so the clip acts
+    "gspo": (GSPOModule, {"update": UpdateConfig(mini_batch_size=64)}),
+    "cispo": (CISPOModule, {"update": UpdateConfig(mini_batch_size=64)}),
     "reinforce": (REINFORCEModule, {"advantage": AdvantageConfig("leave_one_out", "none")}),
     "rejection_sampling": (RejectionSamplingModule, {"keep_top_k": 1, "reward_threshold": 1.0}),
 }

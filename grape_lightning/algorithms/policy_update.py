@@ -1,0 +1,70 @@
+"""The update of a policy loss over the valid rows of a rollout (GSPO, CISPO), and the pieces it
+shares with :mod:`~grape_lightning.algorithms.surrogate_update`.
+
+    L = loss(l, l_old, A, mask; B, N)
+
+with l the policy's log-probs of the response tokens, l_old pi_old's, A the per-sequence
+advantages, and B and N the sequences and response tokens of the global mini-batch (the
+normalisers, counted over every process), optimised by
+:func:`~grape_lightning.algorithms.update_loop.run_update`. No reference model, no KL term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from grape_lightning.advantages import group_statistics
+from grape_lightning.algorithms.update_loop import LossOutput, run_update
+from grape_lightning.rollout.batch import Rollout
+
+if TYPE_CHECKING:
+    from grape_lightning.algorithms.on_policy import OnPolicyModule
+
+# (l, l_old, A [rows], response mask, B, N) -> (the micro-batch's share of the loss, metrics with "policy_loss")
+PolicyLoss = Callable[[Tensor, Tensor, Tensor, Tensor, float, float], tuple[Tensor, dict[str, Tensor]]]
+
+
+def old_logprobs(module: OnPolicyModule, rollout: Rollout, micro: Tensor, logprobs: Tensor) -> Tensor:
+    """pi_old's log-probs of the rows ``micro``: the collected ones, or, when the module takes one
+    step per rollout with the weights that sampled (``needs_old_logprobs`` off), the detached
+    log-probs of the update's own forward pass (the ratio is then exactly 1)."""
+    return rollout.take("old_logprobs", micro) if module.needs_old_logprobs else logprobs.detach()
+
+
+def advantage_statistics(module: OnPolicyModule, rollout: Rollout, advantages: Tensor, tied: Tensor) -> dict[str, float]:
+    """``tied_groups`` (the share of groups whose rewards all tie: zero advantages) and
+    ``advantage_abs_mean`` (over the valid rows), both over every process."""
+    totals = torch.stack([
+        tied.sum(), torch.tensor(tied.numel(), device=tied.device), advantages[rollout.valid].abs().sum(), rollout.valid.sum(),
+    ])
+    tied_count, group_count, advantage_abs, valid_count = module.sum_across_processes(totals.double()).tolist()
+    return {"tied_groups": tied_count / max(group_count, 1.0), "advantage_abs_mean": advantage_abs / max(valid_count, 1.0)}
+
+
+def policy_update(module: OnPolicyModule, rollout: Rollout, advantages: Tensor, loss: PolicyLoss) -> dict[str, float]:
+    """Optimise ``loss`` over the valid rows of ``rollout``; returns the metrics (the loss's own,
+    token-weighted, with ``entropy``; ``policy_loss`` summed to the step's value)."""
+    valid = rollout.valid
+    valid_tokens = rollout.response_mask & valid[:, None]
+
+    def normalisers(index: Tensor) -> Tensor:
+        return torch.stack([valid[index].sum(), valid_tokens[index].sum()])
+
+    def micro_loss(micro: Tensor, totals: Tensor) -> LossOutput:
+        num_sequences, num_tokens = totals.tolist()
+        inputs = rollout.model_inputs(micro)
+        token = module.token_logprobs(inputs, with_entropy=True)
+        mask = inputs["response_mask"] & valid[micro, None]
+        pi_old = old_logprobs(module, rollout, micro, token.logprobs)
+        value, metrics = loss(token.logprobs, pi_old, advantages[micro], mask, num_sequences, num_tokens)
+        tokens = float(mask.sum())
+        metrics["entropy"] = (token.entropy.detach() * mask).sum() / max(tokens, 1.0)
+        return LossOutput(value, terms={"policy_loss": metrics.pop("policy_loss")}, means=metrics, weight=tokens)
+
+    metrics = run_update(module, valid.nonzero().flatten(), module.update_config, normalisers, micro_loss)
+    tied = group_statistics(rollout.rewards, rollout.groups, rollout.valid).tied
+    return {**metrics, **advantage_statistics(module, rollout, advantages, tied)}
