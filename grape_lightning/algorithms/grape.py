@@ -61,6 +61,8 @@ class GRAPEModule(OnPolicyModule):
         seed: seeds sampling (per rank and step, so a resumed run samples the same).
     """
 
+    reads_old_logprobs_off_its_pass = True  # off-policy members too, whose sampler log-probs do not exist
+
     def __init__(
         self,
         policy: ModelSpec,
@@ -85,11 +87,6 @@ class GRAPEModule(OnPolicyModule):
         self.off_policy = off_policy
         self.loss = loss
 
-    @property
-    def needs_old_logprobs(self) -> bool:
-        # as GRPO's: one pass, one mini-batch reads pi_old off the update's own forward (off-policy
-        # members included, whose sampler log-probs do not exist)
-        return not self.update_config.one_step_per_rollout
 
     def update(self, rollout: Rollout) -> None:
         advantages = compute_advantages(self.advantage, rollout.rewards, rollout.groups, rollout.valid, sum_across=self.sum_across_processes)

@@ -47,6 +47,8 @@ class GRPOModule(OnPolicyModule):
         seed: seeds sampling (per rank and step, so a resumed run samples the same).
     """
 
+    reads_old_logprobs_off_its_pass = True
+
     def __init__(
         self,
         policy: ModelSpec,
@@ -65,11 +67,6 @@ class GRPOModule(OnPolicyModule):
         self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="mean", scaling="group")
         self.loss = loss
 
-    @property
-    def needs_old_logprobs(self) -> bool:
-        # One pass, one mini-batch: the update's weights are the sampling weights, so pi_old is the
-        # detached log-prob of the update's own forward pass (the ratio is exactly 1).
-        return not self.update_config.one_step_per_rollout
 
     def update(self, rollout: Rollout) -> None:
         advantages = compute_advantages(self.advantage, rollout.rewards, rollout.groups, rollout.valid, sum_across=self.sum_across_processes)

@@ -56,6 +56,8 @@ class GSPOModule(OnPolicyModule):
         seed: seeds sampling (per rank and step, so a resumed run samples the same).
     """
 
+    reads_old_logprobs_off_its_pass = True
+
     def __init__(
         self,
         policy: ModelSpec,
@@ -77,9 +79,6 @@ class GSPOModule(OnPolicyModule):
         self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="mean", scaling="group")
         self.eps_low, self.eps_high, self.token_level = eps_low, eps_high, token_level
 
-    @property
-    def needs_old_logprobs(self) -> bool:
-        return not self.update_config.one_step_per_rollout
 
     def policy_loss(
         self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, num_sequences: float, num_tokens: float

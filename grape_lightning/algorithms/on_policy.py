@@ -161,13 +161,18 @@ class OnPolicyModule(PolicyModule):
             old_logprobs=training and self.needs_old_logprobs, reference=training and self.reference is not None,
         )
 
+    reads_old_logprobs_off_its_pass = False
+    """True for a ratio-based algorithm that, taking one optimizer step per rollout (one epoch,
+    one mini-batch), reads pi_old's log-probs off the update's own forward pass: the weights are
+    those that sampled, so the ratio is exactly 1."""
+
     @property
     def needs_old_logprobs(self) -> bool:
         """Whether the update needs pi_old's log-probs recomputed by the training forward pass
         (the sampler's may differ in rounding). An algorithm that takes one optimizer step per
-        rollout with the weights that sampled can read them off its own forward pass instead, which
-        saves one forward over the rollout."""
-        return True
+        rollout with the weights that sampled can read them off its own forward pass instead
+        (:attr:`reads_old_logprobs_off_its_pass`), which saves one forward over the rollout."""
+        return not (self.reads_old_logprobs_off_its_pass and self.update_config.one_step_per_rollout)
 
     # -- optimisation ----------------------------------------------------------------------------
     def minibatches(self, rows: Tensor, minibatch_size: int | None, salt: int = 0) -> list[Tensor]:
