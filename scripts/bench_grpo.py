@@ -1,9 +1,9 @@
-"""One on-policy step of 64 prompts x 8 samples x 256 new tokens (GRPO, GRAPE and PPO): step time
+"""One on-policy step of 64 prompts x 8 samples x 256 new tokens (GRPO, GRAPE, PPO, GSPO, CISPO): step time
 split into generation, scoring, log-probs and update, and peak memory; with ``--peer trl`` TRL's
 GRPOTrainer (its default generation) on the same model, prompts, reward and settings, in the same
 call.
 
-    python scripts/bench_grpo.py --shape qwen2.5-0.5b --algorithms grpo grape ppo --peer trl
+    python scripts/bench_grpo.py --shape qwen2.5-0.5b --algorithms grpo grape ppo gspo cispo --peer trl
 
 GRAPE scores each response with a two-item rubric: the text reward as a verifiable item and a
 judged item from a rule-based critic (score and confidence from the text), so the step includes
@@ -43,7 +43,16 @@ from bench_common import (
     write_report,
 )
 
-from grape_lightning.algorithms import GRAPEModule, GRPOModule, OptimizerConfig, PPOModule, SurrogateConfig, UpdateConfig
+from grape_lightning.algorithms import (
+    CISPOModule,
+    GRAPEModule,
+    GRPOModule,
+    GSPOModule,
+    OptimizerConfig,
+    PPOModule,
+    SurrogateConfig,
+    UpdateConfig,
+)
 from grape_lightning.rewards import RewardFunction
 from grape_lightning.rewards.critics import CallableCritic
 from grape_lightning.rollout import RolloutDataModule, SamplingParams
@@ -83,19 +92,23 @@ categories:
 
 
 def build_module(algorithm: str, spec, workdir: Path, args):
-    sampling = SamplingParams(max_new_tokens=args.new, temperature=1.0)
-    optimizer = OptimizerConfig(lr=1e-6, weight_decay=0.0)
-    update = UpdateConfig(micro_batch_size=args.micro_batch)
-    if algorithm == "grpo":
-        return GRPOModule(spec, rewards=[EvenWords()], sampling=sampling, optimizer=optimizer,
-                          loss=SurrogateConfig(beta=0.0), update=update)
+    common = {
+        "sampling": SamplingParams(max_new_tokens=args.new, temperature=1.0),
+        "optimizer": OptimizerConfig(lr=1e-6, weight_decay=0.0),
+        "update": UpdateConfig(micro_batch_size=args.micro_batch),
+    }
     if algorithm == "grape":
         rubric = workdir / "rubric.yaml"
         rubric.write_text(RUBRIC)
         return GRAPEModule(spec, rubric=str(rubric), critics={"short_words": CallableCritic("bench_grpo:short_words_critic")},
-                           sampling=sampling, optimizer=optimizer, loss=SurrogateConfig(beta=0.0), update=update)
-    return PPOModule(spec, rewards=[EvenWords()], sampling=sampling, optimizer=optimizer, kl_coef=0.0,
-                     update=UpdateConfig(epochs=1, micro_batch_size=args.micro_batch))
+                           loss=SurrogateConfig(beta=0.0), **common)
+    builders = {
+        "grpo": lambda: GRPOModule(spec, rewards=[EvenWords()], loss=SurrogateConfig(beta=0.0), **common),
+        "ppo": lambda: PPOModule(spec, rewards=[EvenWords()], kl_coef=0.0, **common),
+        "gspo": lambda: GSPOModule(spec, rewards=[EvenWords()], **common),
+        "cispo": lambda: CISPOModule(spec, rewards=[EvenWords()], **common),
+    }
+    return builders[algorithm]()
 
 
 class Stopwatch:
@@ -191,7 +204,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--algorithms", nargs="+", choices=["grpo", "grape", "ppo"], default=["grpo"])
+    parser.add_argument("--algorithms", nargs="+", choices=["grpo", "grape", "ppo", "gspo", "cispo"], default=["grpo"])
     parser.add_argument("--peer", choices=["none", "trl"], default="none")
     parser.add_argument("--profile", action="store_true", help="profile our third step and print the top operators")
     parser.add_argument("--out", default=None, help="folder for profile tables")
