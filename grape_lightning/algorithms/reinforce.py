@@ -11,6 +11,7 @@ from grape_lightning.advantages import AdvantageConfig, MovingAverageBaseline, c
 from grape_lightning.algorithms.base import as_dataclass
 from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.algorithms.optim import OptimizerConfig
+from grape_lightning.algorithms.policy_update import linear_loss_pass
 from grape_lightning.algorithms.update_loop import LossOutput, UpdateConfig, run_update
 from grape_lightning.losses.reinforce import reinforce_loss
 from grape_lightning.models.spec import ModelSpec
@@ -84,9 +85,10 @@ class REINFORCEModule(OnPolicyModule):
 
         def micro_loss(micro: Tensor, totals: Tensor) -> LossOutput:
             inputs = rollout.model_inputs(micro)
-            token = self.token_logprobs(inputs, with_entropy=True)
             mask = inputs["response_mask"] & valid[micro, None]
-            loss, metrics = reinforce_loss(token.logprobs, advantages[micro], mask, num_sequences=float(totals[0]))
+            token, loss, metrics = linear_loss_pass(
+                self, inputs, lambda logprobs: reinforce_loss(logprobs, advantages[micro], mask, num_sequences=float(totals[0]))
+            )
             tokens = float(mask.sum())
             entropy = (token.entropy.detach() * mask).sum() / max(tokens, 1.0)
             return LossOutput(loss, terms={"policy_loss": metrics["policy_loss"]}, means={"entropy": entropy}, weight=tokens)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from grape_lightning.advantages import group_statistics
-from grape_lightning.algorithms.policy_update import advantage_statistics, old_logprobs
+from grape_lightning.algorithms.policy_update import advantage_statistics, ratio_loss_pass
 from grape_lightning.algorithms.update_loop import LossOutput, run_update
 from grape_lightning.losses.aggregation import Aggregation, aggregate
 from grape_lightning.losses.grpo import grpo_loss
@@ -77,14 +77,17 @@ def surrogate_update(
     def micro_loss(micro: Tensor, totals: Tensor) -> LossOutput:
         num_sequences, num_tokens, kl_sequences, kl_tokens = totals.tolist()
         inputs = rollout.model_inputs(micro)
-        token = module.token_logprobs(inputs, with_entropy=True)
         mask = inputs["response_mask"] & trained[micro, None]
         ref_logprobs = rollout.take("ref_logprobs", micro) if with_kl else None
-        loss, metrics = grpo_loss(
-            token.logprobs, old_logprobs(module, rollout, micro, token.logprobs), advantages[micro], mask, ref_logprobs=ref_logprobs, beta=config.beta,
-            eps_low=config.eps_low, eps_high=config.eps_high, aggregation=config.aggregation,
-            kl_estimator=config.kl_estimator, constant_length=constant_length, num_sequences=num_sequences, num_tokens=num_tokens,
-        )
+
+        def surrogate(logprobs: Tensor, pi_old: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            return grpo_loss(
+                logprobs, pi_old, advantages[micro], mask, ref_logprobs=ref_logprobs, beta=config.beta,
+                eps_low=config.eps_low, eps_high=config.eps_high, aggregation=config.aggregation,
+                kl_estimator=config.kl_estimator, constant_length=constant_length, num_sequences=num_sequences, num_tokens=num_tokens,
+            )
+
+        token, loss, metrics = ratio_loss_pass(module, rollout, micro, inputs, surrogate, only_through_ratio=config.beta == 0)
         terms = {"policy_loss": metrics.pop("policy_loss")}
         metrics.pop("kl", None)  # over every trained row; the logged KL is over the sampled ones
         if with_kl and kl_sequences > 0:

@@ -153,14 +153,15 @@ class LinearHeadLinearLoss(torch.autograd.Function):
     in :class:`LinearHeadLogprobs`. As the weights are known, each chunk's gradient is written in
     the forward, from the logits it has just computed: no chunk is recomputed in the backward,
     which only scales the stored gradients by dL's upstream gradient. Returns (L, the log-probs,
-    top-1 flags or an empty tensor); only L is differentiable.
+    entropies or an empty tensor, top-1 flags or an empty tensor); only L is differentiable.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, row_weights, temperature, chunk_size, with_top1):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, row_weights, temperature, chunk_size, with_entropy, with_top1):  # type: ignore[override]
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         rows = hidden.shape[0]
         logprobs = hidden.new_empty(rows, dtype=dtype)
+        entropy = hidden.new_empty(rows if with_entropy else 0, dtype=dtype)
         top1 = torch.empty(rows if with_top1 else 0, dtype=torch.bool, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
@@ -169,7 +170,11 @@ class LinearHeadLinearLoss(torch.autograd.Function):
         for start in range(0, rows, chunk_size):
             chunk = slice(start, start + chunk_size)
             logits = hidden[chunk] @ weight.t()
-            logprobs[chunk], log_normaliser, _, chunk_top1 = statistics(logits, targets[chunk], temperature, False, with_top1)
+            logprobs[chunk], log_normaliser, chunk_entropy, chunk_top1 = statistics(
+                logits, targets[chunk], temperature, with_entropy, with_top1
+            )
+            if with_entropy:
+                entropy[chunk] = chunk_entropy
             if with_top1:
                 top1[chunk] = chunk_top1
             if grad_hidden is None and grad_weight is None:
@@ -180,15 +185,15 @@ class LinearHeadLinearLoss(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), hidden[chunk])
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.mark_non_differentiable(logprobs, top1)
-        return (row_weights.to(dtype) * logprobs).sum(), logprobs, top1
+        ctx.mark_non_differentiable(logprobs, entropy, top1)
+        return (row_weights.to(dtype) * logprobs).sum(), logprobs, entropy, top1
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_logprobs, _grad_top1):  # type: ignore[override]
+    def backward(ctx, grad_loss, _grad_logprobs, _grad_entropy, _grad_top1):  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
         grad_weight = None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def weight_head(weight: Tensor) -> Callable[[Tensor], Tensor]:
@@ -264,7 +269,7 @@ def response_logprobs(
         linear_loss_weights: [batch, time] weights w of a loss linear in the log-probs,
             L = sum_t w_t logprobs_t (SFT: -response_mask / N), returned as ``linear_loss``; with a
             plain linear head its gradient is computed in the forward (:class:`LinearHeadLinearLoss`),
-            and the returned log-probs carry no gradient.
+            and the returned log-probs and entropies carry no gradient.
     """
     if position_ids is None and attention_mask is not None:
         position_ids = positions_from_mask(attention_mask)
@@ -278,13 +283,14 @@ def response_logprobs(
     head = model.get_output_embeddings()
     softcap = final_logit_softcap(model)
 
-    if softcap is None and _plain_linear_head(head) and linear_loss_weights is not None and not with_entropy:
+    if softcap is None and _plain_linear_head(head) and linear_loss_weights is not None:
         weight_rows = linear_loss_weights[:, 1:][scored]
-        linear_loss, logprob_rows, top1_rows = LinearHeadLinearLoss.apply(
-            hidden_rows, head.weight, target_rows, weight_rows, temperature, chunk_size, with_top1
+        linear_loss, logprob_rows, entropy_rows, top1_rows = LinearHeadLinearLoss.apply(
+            hidden_rows, head.weight, target_rows, weight_rows, temperature, chunk_size, with_entropy, with_top1
         )
         return TokenLogprobs(
             logprobs=_scatter_rows(logprob_rows, scored),
+            entropy=_scatter_rows(entropy_rows, scored) if with_entropy else None,
             top1=_scatter_rows(top1_rows, scored) if with_top1 else None,
             hidden=hidden if with_hidden else None,
             linear_loss=linear_loss,

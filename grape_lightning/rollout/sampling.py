@@ -122,9 +122,10 @@ def gumbel_max_pick(logits: Tensor, noise: Tensor | None, temperature: Tensor, t
     ``z`` and draws ``E`` (None: greedy, argmax_i z_i); elementwise work and row reductions only,
     which ``torch.compile`` fuses into a few kernels."""
     scaled = logits / temperature  # a [1] tensor takes part in type promotion: one kernel to float32
-    logprobs = torch.log_softmax(scaled, dim=-1)
+    # log softmax(z / T)_token = (z / T)_token - logsumexp(z / T): a row reduction, no [batch, vocab] output
+    log_normaliser = torch.logsumexp(scaled, dim=-1)
     if noise is None:
         tokens = scaled.argmax(dim=-1)
     else:
-        tokens = (_truncate(scaled, top_k, top_p) - torch.log(noise)).argmax(dim=-1)
-    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        tokens = (_truncate(scaled, top_k, top_p) - noise.log_()).argmax(dim=-1)  # E is drawn per call: its log in place
+    return tokens, scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_normaliser
