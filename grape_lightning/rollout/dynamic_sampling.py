@@ -121,7 +121,8 @@ def dynamic_sample(
     over processes (every process makes the same calls). The statistics: ``rounds`` (generation
     rounds, the loader's batch included), ``prompts_generated`` (sample sets generated, every
     process's), ``kept_groups`` (the share of them with a signal), ``filled_groups`` (the share of
-    the batch's groups that are tied ones topped up).
+    the batch's groups that are tied ones topped up), ``sampled_reward`` and ``sampled_accuracy``
+    (over every sampled response, before the filter, which favours groups of mixed outcomes).
     """
     target = len(set(batch["groups"].tolist()))
     rollout = sample(batch, 0)
@@ -157,12 +158,22 @@ def dynamic_sample(
     number[torch.tensor(order, dtype=torch.long, device=number.device)] = torch.arange(len(order), device=number.device)
     result = every.select(rows, groups=number[every.groups[rows]])
     result.generated_tokens = float(every.response_mask.sum())
-    totals = sum_across(torch.tensor([float(len(informative)), float(informative.sum()), float(len(filled)), float(len(order))], dtype=torch.float64, device=device))
-    generated, informative_count, filled_count, batch_groups = totals.tolist()
+    # the samples of every round, before the filter: what the policy does on the prompts it is shown
+    sampled_valid = every.rewards[every.valid]
+    sampled_correct = float(every.correct.sum()) if every.correct is not None else 0.0
+    totals = sum_across(torch.tensor(
+        [float(len(informative)), float(informative.sum()), float(len(filled)), float(len(order)),
+         float(sampled_valid.double().sum()), float(sampled_valid.numel()), sampled_correct, float(len(every))],
+        dtype=torch.float64, device=device,
+    ))
+    generated, informative_count, filled_count, batch_groups, reward_sum, valid_count, correct_count, responses = totals.tolist()
     statistics = {
         "rounds": float(1 + extra),
         "prompts_generated": generated,
         "kept_groups": informative_count / max(generated, 1.0),
         "filled_groups": filled_count / max(batch_groups, 1.0),
+        "sampled_reward": reward_sum / max(valid_count, 1.0),
     }
+    if every.correct is not None:
+        statistics["sampled_accuracy"] = correct_count / max(responses, 1.0)
     return result, statistics

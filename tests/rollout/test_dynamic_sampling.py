@@ -107,7 +107,11 @@ def test_rounds_keep_informative_groups_in_sampling_order_truncate_and_log():
     assert rollout.responses == [f"r0g1.{i}" for i in range(3)] + [f"r0g3.{i}" for i in range(3)] + [
         f"r1g1.{i}" for i in range(3)] + [f"r1g3.{i}" for i in range(3)]
     assert rollout.groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
-    assert stats == {"rounds": 2.0, "prompts_generated": 8.0, "kept_groups": 4 / 8, "filled_groups": 0.0}
+    sampled = [r for rnd in (0, 1) for row in table[rnd] for r in row if not math.isnan(r)]
+    assert stats == {
+        "rounds": 2.0, "prompts_generated": 8.0, "kept_groups": 4 / 8, "filled_groups": 0.0,
+        "sampled_reward": sum(sampled) / len(sampled), "sampled_accuracy": sampled.count(1) / 24,
+    }
     assert informative_groups(rollout.rewards, rollout.groups, rollout.valid).all()
 
     # more informative groups than wanted: the first `target` in sampling order
@@ -121,7 +125,9 @@ def test_when_rounds_run_out_tied_groups_fill_the_batch_first_sampled_first():
     table = {0: [[1, 1], [0, 1], [0, 0], [1, 1]], 1: [[0, 0], [1, 1], [1, 1], [0, 0]]}
     rollout, stats = dynamic_sample(DynamicSamplingConfig(max_rounds=1), prompt_batch(4, 2), sampler(table, []), lambda c, r: prompt_batch(c, 2))
     assert [r.split(".")[0] for r in rollout.responses[::2]] == ["r0g1", "r0g0", "r0g2", "r0g3"]
-    assert stats == {"rounds": 2.0, "prompts_generated": 8.0, "kept_groups": 1 / 8, "filled_groups": 3 / 4}
+    assert stats == {
+        "rounds": 2.0, "prompts_generated": 8.0, "kept_groups": 1 / 8, "filled_groups": 3 / 4, "sampled_reward": 9 / 16, "sampled_accuracy": 9 / 16,
+    }
     # the rows and every per-row field follow the selection
     assert rollout.rewards.tolist() == [0, 1, 1, 1, 0, 0, 1, 1]
     assert rollout.reward_terms["r"].tolist() == rollout.rewards.tolist()
@@ -177,7 +183,9 @@ def test_processes_run_the_same_rounds_and_reduce_statistics_globally():
 
     (rollout0, stats0, calls0), (rollout1, stats1, calls1) = run_ranks(2, work)
     assert calls0 == [0] and calls1 == [0, 1, 2] and idles == {0: 2, 1: 0}
-    assert stats0 == stats1 == {"rounds": 3.0, "prompts_generated": 8.0, "kept_groups": 4 / 8, "filled_groups": 0.0}
+    assert stats0 == stats1 == {
+        "rounds": 3.0, "prompts_generated": 8.0, "kept_groups": 4 / 8, "filled_groups": 0.0, "sampled_reward": 10 / 16, "sampled_accuracy": 10 / 16,
+    }
     assert len(rollout0) == len(rollout1) == 4
     assert [r.split(".")[0] for r in rollout1.responses[::2]] == ["r1g1", "r2g0"]
 
