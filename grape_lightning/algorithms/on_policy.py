@@ -159,10 +159,10 @@ class OnPolicyModule(PolicyModule):
         generator.manual_seed(derive_seed(self.seed, self.global_rank, self.global_step))
         return generator
 
-    def _round_generator(self, round_number: int, device: torch.device | str | None = None) -> torch.Generator:
+    def _round_generator(self, round_number: int) -> torch.Generator:
         """The generator of dynamic sampling's extra round ``round_number`` (>= 1), derived from
         (seed, rank, step, round): a resumed run samples what the uninterrupted run would have."""
-        generator = torch.Generator(device=self.device if device is None else device)
+        generator = torch.Generator(device=self.device)
         generator.manual_seed(derive_seed(self.seed, self.global_rank, self.global_step, round_number))
         return generator
 
@@ -233,11 +233,17 @@ class OnPolicyModule(PolicyModule):
             if self.dynamic_sampling.prompts == "fresh" and not getattr(self, "_warned_no_fresh_prompts", False):
                 self._warned_no_fresh_prompts = True
                 rank_zero_warn(
-                    "dynamic_sampling: the DataModule has no draw_prompts, so extra rounds sample the batch's tied prompts again (prompts: repeat)"
+                    "dynamic_sampling: the DataModule has no draw_prompts, so extra rounds sample the batch's tied "
+                    "prompts again (prompts: repeat)"
                 )
             return None
-        # the draw is seeded apart from the sampling of the same round (salt 1)
-        return lambda count, number: draw_prompts(count, torch.Generator().manual_seed(derive_seed(self.seed, self.global_rank, self.global_step, number, 1)))
+
+        def draw(count: int, round_number: int) -> dict[str, Any]:
+            # seeded by (seed, rank, step, round) like the round's sampling, and apart from it (salt 1)
+            seed = derive_seed(self.seed, self.global_rank, self.global_step, round_number, 1)
+            return draw_prompts(count, torch.Generator().manual_seed(seed))
+
+        return draw
 
     reads_old_logprobs_off_its_pass = False
     """True for a ratio-based algorithm that, taking one optimizer step per rollout (one epoch,
