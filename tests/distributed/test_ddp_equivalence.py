@@ -17,7 +17,8 @@ DAPO (GRPO with dynamic sampling) samples the same global rollout in every round
 and round, whole groups per rank) and drops tied groups from the loss (``filter_tied_groups``): the
 ranks keep different numbers of informative groups (tracked and checked) and top up with different
 tied groups, run the same rounds, and train, as one process does, on every informative group of
-the global rollouts; the round statistics are global sums.
+the global rollouts; the round statistics are global sums. Under FSDP2 too, where every round's
+generation gathers the parameters on every rank.
 
 REINFORCE, rejection sampling, GRAPE and TRPO run the same comparison with the ranks holding different
 numbers of rows in the loss (13 and 12 valid rewards with micro-batches of 4; different numbers
@@ -29,7 +30,6 @@ Run by the tests as ``python -m tests.distributed.test_ddp_equivalence <algorith
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -129,7 +129,7 @@ def _setup(algorithm: str, devices: int):
             rollout = super().collect_rollout(collate_prompts(self.global_items, GROUP_SIZE))
             world, rank = self.trainer.world_size, self.global_rank
             rows = (rollout.groups % world == rank).nonzero().flatten()
-            return _select(rollout, rows, renumber=lambda groups: groups // world)
+            return rollout.select(rows, groups=rollout.groups[rows] // world)
 
     common = dict(sampling=SamplingParams(max_new_tokens=6), optimizer=optimizer, update=UpdateConfig(micro_batch_size=4, max_grad_norm=0.5))
     rewards = [LengthParityWithGaps()]
@@ -217,21 +217,6 @@ def train_prompts(count):
     return [example.prompt for example in ArithmeticTask(num_train=64, num_val=4).examples("train")][:count]
 
 
-def _select(rollout, rows, renumber):
-    fields = {}
-    for field in dataclasses.fields(rollout):
-        value = getattr(rollout, field.name)
-        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == len(rollout):
-            value = value[rows]
-        elif isinstance(value, list) and len(value) == len(rollout):
-            value = [value[i] for i in rows.tolist()]
-        elif isinstance(value, dict):
-            value = {key: item[rows] if isinstance(item, torch.Tensor) else item for key, item in value.items()}
-        fields[field.name] = value
-    fields["groups"] = renumber(fields["groups"])
-    return type(rollout)(**fields)
-
-
 def algorithm_of(module) -> str:
     return "ppo" if hasattr(module, "value_model") and module.value_model is not None else "other"
 
@@ -289,7 +274,7 @@ def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list
     [
         ("grpo", "ddp"), ("grape", "ddp"), ("reinforce", "ddp"), ("rejection_sampling", "ddp"), ("ppo", "ddp"), ("trpo", "ddp"),
         ("dpo", "ddp"), ("gspo", "ddp"), ("cispo", "ddp"), ("dapo", "ddp"),
-        ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"),
+        ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"), ("dapo", "fsdp2"),
     ],
 )
 def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorithm, strategy, tmp_path):
