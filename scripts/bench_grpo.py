@@ -1,9 +1,15 @@
-"""One on-policy step of 64 prompts x 8 samples x 256 new tokens (GRPO, GRAPE, PPO, GSPO, CISPO): step time
+"""One on-policy step of 64 prompts x 8 samples x 256 new tokens (GRPO, DAPO, GRAPE, PPO, GSPO, CISPO): step time
 split into generation, scoring, log-probs and update, and peak memory; with ``--peer trl`` TRL's
 GRPOTrainer (its default generation) on the same model, prompts, reward and settings, in the same
 call.
 
-    python scripts/bench_grpo.py --shape qwen2.5-0.5b --algorithms grpo grape ppo gspo cispo --peer trl
+    python scripts/bench_grpo.py --shape qwen2.5-0.5b --algorithms grpo dapo grape ppo gspo cispo --peer trl
+
+DAPO is GRPO with configs/dapo.yaml's settings: clip-higher (eps_high 0.28), token aggregation,
+no KL, dynamic sampling (up to 3 extra rounds of 64 fresh prompts while a group's rewards tie) and
+the soft overlong punishment (L_max = the new tokens, L_cache = a quarter of them); its rows add
+the generation rounds of each step (``rounds``) and the sample sets generated
+(``prompts_generated``), since a step's time grows with them.
 
 GRAPE scores each response with a two-item rubric: the text reward as a verifiable item and a
 judged item from a rule-based critic (score and confidence from the text), so the step includes
@@ -45,6 +51,7 @@ from bench_common import (
 
 from grape_lightning.algorithms import (
     CISPOModule,
+    DynamicSamplingConfig,
     GRAPEModule,
     GRPOModule,
     GSPOModule,
@@ -53,7 +60,7 @@ from grape_lightning.algorithms import (
     SurrogateConfig,
     UpdateConfig,
 )
-from grape_lightning.rewards import RewardFunction
+from grape_lightning.rewards import OverlongPunishment, RewardFunction
 from grape_lightning.rewards.critics import CallableCritic
 from grape_lightning.rollout import RolloutDataModule, SamplingParams
 
@@ -104,6 +111,11 @@ def build_module(algorithm: str, spec, workdir: Path, args):
                            loss=SurrogateConfig(beta=0.0), **common)
     builders = {
         "grpo": lambda: GRPOModule(spec, rewards=[EvenWords()], loss=SurrogateConfig(beta=0.0), **common),
+        # configs/dapo.yaml's settings
+        "dapo": lambda: GRPOModule(
+            spec, rewards=[EvenWords(), OverlongPunishment(max_length=args.new, cache_length=max(args.new // 4, 1))],
+            loss=SurrogateConfig(beta=0.0, eps_low=0.2, eps_high=0.28, aggregation="token"),
+            dynamic_sampling=DynamicSamplingConfig(max_rounds=3), **common),
         "ppo": lambda: PPOModule(spec, rewards=[EvenWords()], kl_coef=0.0, **common),
         "gspo": lambda: GSPOModule(spec, rewards=[EvenWords()], **common),
         "cispo": lambda: CISPOModule(spec, rewards=[EvenWords()], **common),
@@ -145,6 +157,9 @@ class StepTimer(L.Callback):
         synchronize()
         step = {"step_s": time.perf_counter() - self.start, **self.stopwatch.totals}
         step["update_s"] = step.pop("update", 0.0)
+        if getattr(module, "dynamic_sampling", None) is not None:
+            statistics = module.dynamic_sampling_statistics
+            step.update(rounds=statistics["rounds"], prompts_generated=statistics["prompts_generated"])
         self.steps.append(step)
 
 
@@ -204,7 +219,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--algorithms", nargs="+", choices=["grpo", "grape", "ppo", "gspo", "cispo"], default=["grpo"])
+    parser.add_argument("--algorithms", nargs="+", choices=["grpo", "dapo", "grape", "ppo", "gspo", "cispo"],
+                        default=["grpo"])
     parser.add_argument("--peer", choices=["none", "trl"], default="none")
     parser.add_argument("--profile", action="store_true", help="profile our third step and print the top operators")
     parser.add_argument("--out", default=None, help="folder for profile tables")

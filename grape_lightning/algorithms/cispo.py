@@ -17,6 +17,7 @@ from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.base import RewardFunction
 from grape_lightning.rewards.scorer import RewardScorer
 from grape_lightning.rollout.batch import Rollout
+from grape_lightning.rollout.dynamic_sampling import DynamicSamplingConfig
 from grape_lightning.rollout.sampling import SamplingParams
 
 
@@ -54,6 +55,8 @@ class CISPOModule(OnPolicyModule):
             publishing a value; the default is DAPO's clip-higher 0.28.
         update: epochs, mini- and micro-batches, clipping.
         seed: seeds sampling (per rank and step, so a resumed run samples the same).
+        dynamic_sampling: DAPO's dynamic sampling: groups whose rewards all tie are replaced by
+            fresh ones (``{max_rounds: 3}``; None: off; :mod:`grape_lightning.rollout.dynamic_sampling`).
     """
 
     reads_old_logprobs_off_its_pass = True
@@ -70,12 +73,14 @@ class CISPOModule(OnPolicyModule):
         eps_high: float = 0.28,
         update: UpdateConfig | None = None,
         seed: int = 0,
+        dynamic_sampling: DynamicSamplingConfig | None = None,
     ) -> None:
         scorer = RewardScorer(list(rewards), accuracy) if rewards else None
-        super().__init__(policy, scorer, sampling, optimizer, update, reference=False, seed=seed)
+        super().__init__(policy, scorer, sampling, optimizer, update, reference=False, seed=seed, dynamic_sampling=dynamic_sampling)
         if eps_low < 0 or eps_high < 0:
             raise ValueError(f"CISPO: eps_low and eps_high must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
         self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="mean", scaling="group")
+        self.check_dynamic_sampling(self.advantage.baseline)
         self.eps_low, self.eps_high = eps_low, eps_high
 
 

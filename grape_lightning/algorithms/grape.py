@@ -17,6 +17,7 @@ from grape_lightning.rewards.critics.base import Critic
 from grape_lightning.rewards.rubric import load_rubric
 from grape_lightning.rewards.rubric_scorer import ConfidenceWeightedRubric
 from grape_lightning.rollout.batch import Rollout
+from grape_lightning.rollout.dynamic_sampling import DynamicSamplingConfig
 from grape_lightning.rollout.off_policy import OffPolicyConfig, OffPolicyResponses
 from grape_lightning.rollout.sampling import SamplingParams
 
@@ -59,6 +60,8 @@ class GRAPEModule(OnPolicyModule):
         loss: clip range, KL penalty and token aggregation of the surrogate.
         update: epochs, mini- and micro-batches, clipping.
         seed: seeds sampling (per rank and step, so a resumed run samples the same).
+        dynamic_sampling: DAPO's dynamic sampling: groups whose rewards all tie are replaced by
+            fresh ones (``{max_rounds: 3}``; None: off; :mod:`grape_lightning.rollout.dynamic_sampling`).
     """
 
     reads_old_logprobs_off_its_pass = True  # off-policy members too, whose sampler log-probs do not exist
@@ -76,14 +79,17 @@ class GRAPEModule(OnPolicyModule):
         loss: SurrogateConfig | None = None,
         update: UpdateConfig | None = None,
         seed: int = 0,
+        dynamic_sampling: DynamicSamplingConfig | None = None,
     ) -> None:
         loss = as_dataclass(loss, SurrogateConfig) or SurrogateConfig()
         off_policy = as_dataclass(off_policy, OffPolicyConfig) or OffPolicyConfig()
         scorer = ConfidenceWeightedRubric(load_rubric(rubric), dict(critics or {}), accuracy)
         super().__init__(
-            policy, scorer, sampling, optimizer, update, reference=loss.beta > 0, seed=seed, off_policy=OffPolicyResponses(off_policy)
+            policy, scorer, sampling, optimizer, update, reference=loss.beta > 0, seed=seed,
+            off_policy=OffPolicyResponses(off_policy), dynamic_sampling=dynamic_sampling,
         )
         self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="mean", scaling="none")
+        self.check_dynamic_sampling(self.advantage.baseline)
         self.off_policy = off_policy
         self.loss = loss
 

@@ -14,6 +14,7 @@ from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.base import RewardFunction
 from grape_lightning.rewards.scorer import RewardScorer
 from grape_lightning.rollout.batch import Rollout
+from grape_lightning.rollout.dynamic_sampling import DynamicSamplingConfig
 from grape_lightning.rollout.sampling import SamplingParams
 
 
@@ -45,6 +46,8 @@ class GRPOModule(OnPolicyModule):
         loss: clip range, KL penalty and token aggregation of the surrogate.
         update: epochs, mini- and micro-batches, clipping.
         seed: seeds sampling (per rank and step, so a resumed run samples the same).
+        dynamic_sampling: DAPO's dynamic sampling: groups whose rewards all tie are replaced by
+            fresh ones (``{max_rounds: 3}``; None: off; :mod:`grape_lightning.rollout.dynamic_sampling`).
     """
 
     reads_old_logprobs_off_its_pass = True
@@ -60,11 +63,13 @@ class GRPOModule(OnPolicyModule):
         loss: SurrogateConfig | None = None,
         update: UpdateConfig | None = None,
         seed: int = 0,
+        dynamic_sampling: DynamicSamplingConfig | None = None,
     ) -> None:
         loss = as_dataclass(loss, SurrogateConfig) or SurrogateConfig()
         scorer = RewardScorer(list(rewards), accuracy) if rewards else None
-        super().__init__(policy, scorer, sampling, optimizer, update, reference=loss.beta > 0, seed=seed)
+        super().__init__(policy, scorer, sampling, optimizer, update, reference=loss.beta > 0, seed=seed, dynamic_sampling=dynamic_sampling)
         self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="mean", scaling="group")
+        self.check_dynamic_sampling(self.advantage.baseline)
         self.loss = loss
 
 

@@ -14,7 +14,7 @@ import warnings
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from grape_lightning.algorithms.base import PolicyModule, as_dataclass
@@ -25,6 +25,7 @@ from grape_lightning.rewards.combined import InvalidRewards
 from grape_lightning.rewards.scorer import Scorer, Scores
 from grape_lightning.rollout.batch import Rollout, minibatch_indices
 from grape_lightning.rollout.collector import RolloutCollector
+from grape_lightning.rollout.dynamic_sampling import DynamicSamplingConfig, dynamic_sample
 from grape_lightning.rollout.off_policy import OffPolicyResponses
 from grape_lightning.rollout.sampling import SamplingParams
 from grape_lightning.rollout.static_cache_engine import build_engine
@@ -67,6 +68,9 @@ class OnPolicyModule(PolicyModule):
         seed: seeds sampling; the generator of a rollout is derived from (seed, rank, step), so a
             resumed run samples what the uninterrupted run would have.
         off_policy: responses added to each sample set besides the policy's samples (GRAPE).
+        dynamic_sampling: DAPO's dynamic sampling of the training rollouts: groups whose rewards
+            all tie are replaced by fresh ones (:mod:`grape_lightning.rollout.dynamic_sampling`;
+            None: off). Only for algorithms whose advantages are relative to the group.
     """
 
     def __init__(
@@ -79,12 +83,16 @@ class OnPolicyModule(PolicyModule):
         reference: bool = False,
         seed: int = 0,
         off_policy: OffPolicyResponses | None = None,
+        dynamic_sampling: DynamicSamplingConfig | None = None,
     ) -> None:
         super().__init__(optimizer)
         self.automatic_optimization = False
         policy = as_dataclass(policy, ModelSpec)
         self.sampling = as_dataclass(sampling, SamplingParams) or SamplingParams()
         self.update_config: UpdateConfig = as_dataclass(update, UpdateConfig) or UpdateConfig()
+        self.dynamic_sampling: DynamicSamplingConfig | None = as_dataclass(dynamic_sampling, DynamicSamplingConfig)
+        if self.dynamic_sampling is not None and not self.dynamic_sampling.enabled:
+            self.dynamic_sampling = None
         self.save_plain_hyperparameters(policy=policy, sampling=self.sampling, optimizer=self.optimizer_config, update=self.update_config)
         self.build_models(policy, reference=reference, gradient_checkpointing=self.update_config.gradient_checkpointing)
         self.collector = RolloutCollector(
@@ -151,15 +159,91 @@ class OnPolicyModule(PolicyModule):
         generator.manual_seed(derive_seed(self.seed, self.global_rank, self.global_step))
         return generator
 
+    def _round_generator(self, round_number: int) -> torch.Generator:
+        """The generator of dynamic sampling's extra round ``round_number`` (>= 1), derived from
+        (seed, rank, step, round): a resumed run samples what the uninterrupted run would have."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(derive_seed(self.seed, self.global_rank, self.global_step, round_number))
+        return generator
+
     def collect_rollout(self, batch: dict[str, Any], sampling: SamplingParams | None = None) -> Rollout:
         """Sample responses for ``batch`` and score them; for training (not greedy) also pi_old's
-        log-probs when :attr:`needs_old_logprobs` and the reference's when there is one."""
+        log-probs when :attr:`needs_old_logprobs` and the reference's when there is one. Training
+        rollouts go through dynamic sampling when it is on (its statistics in
+        :attr:`dynamic_sampling_statistics`)."""
         sampling = sampling or self.sampling
         training = not sampling.greedy
-        return self.collector(
-            self, batch, sampling, self._generator() if training else None,
-            old_logprobs=training and self.needs_old_logprobs, reference=training and self.reference is not None,
+        if not training or self.dynamic_sampling is None:
+            return self.collector(
+                self, batch, sampling, self._generator() if training else None,
+                old_logprobs=training and self.needs_old_logprobs, reference=training and self.reference is not None,
+            )
+        rollout, self.dynamic_sampling_statistics = dynamic_sample(
+            self.dynamic_sampling, batch,
+            sample=lambda prompts, number: self.sample_round(prompts, sampling, number),
+            draw=self.fresh_prompts_source(),
+            idle=self.idle_round,
+            sum_across=self.sum_across_processes,
+            pad_id=self.tokenizer.pad_token_id or 0,
         )
+        return self.collector.add_logprobs(
+            self, rollout, sampling, old_logprobs=self.needs_old_logprobs, reference=self.reference is not None
+        )
+
+    dynamic_sampling_statistics: dict[str, float] = {}
+
+    def check_dynamic_sampling(self, baseline: str) -> None:
+        """Dynamic sampling drops the groups whose rewards tie, which carry no signal only under a
+        baseline relative to the group (``mean``, ``leave_one_out``): refuse it under any other."""
+        if self.dynamic_sampling is not None and baseline not in ("mean", "leave_one_out"):
+            raise ValueError(
+                f"{type(self).__name__}: dynamic_sampling keeps the groups whose rewards differ, which is what carries a "
+                f"signal under a group baseline; advantage.baseline is {baseline!r}: use 'mean' or 'leave_one_out', or "
+                "turn dynamic_sampling off"
+            )
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        group_size = getattr(self.trainer.datamodule, "group_size", None)
+        if self.dynamic_sampling is not None and group_size is not None and group_size < 2:
+            raise ValueError(
+                f"dynamic_sampling needs several samples per prompt to tell groups apart; the DataModule's group_size is "
+                f"{group_size}: set data.init_args.group_size >= 2 (or turn dynamic_sampling off)"
+            )
+
+    def sample_round(self, batch: dict[str, Any], sampling: SamplingParams, round_number: int) -> Rollout:
+        """Generate and score ``batch``: round 0 with the step's generator, a later round of dynamic
+        sampling with its own (:meth:`_round_generator`)."""
+        generator = self._generator() if round_number == 0 else self._round_generator(round_number)
+        return self.collector.sample(self, batch, sampling, generator)
+
+    def idle_round(self) -> None:
+        """A round of dynamic sampling in which this process samples nothing: it still enters the
+        generation context, whose parameter gathering (FSDP, ZeRO-3) is a collective."""
+        with self.generation_context():
+            pass
+
+    def fresh_prompts_source(self) -> Any:
+        """``draw(count, round)`` of fresh training prompts for dynamic sampling (``prompts: fresh``
+        and a DataModule with ``draw_prompts``), or None (the batch's tied prompts are sampled again)."""
+        assert self.dynamic_sampling is not None
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        draw_prompts = getattr(datamodule, "draw_prompts", None)
+        if self.dynamic_sampling.prompts != "fresh" or draw_prompts is None:
+            if self.dynamic_sampling.prompts == "fresh" and not getattr(self, "_warned_no_fresh_prompts", False):
+                self._warned_no_fresh_prompts = True
+                rank_zero_warn(
+                    "dynamic_sampling: the DataModule has no draw_prompts, so extra rounds sample the batch's tied "
+                    "prompts again (prompts: repeat)"
+                )
+            return None
+
+        def draw(count: int, round_number: int) -> dict[str, Any]:
+            # seeded by (seed, rank, step, round) like the round's sampling, and apart from it (salt 1)
+            seed = derive_seed(self.seed, self.global_rank, self.global_step, round_number, 1)
+            return draw_prompts(count, torch.Generator().manual_seed(seed))
+
+        return draw
 
     reads_old_logprobs_off_its_pass = False
     """True for a ratio-based algorithm that, taking one optimizer step per rollout (one epoch,
@@ -203,6 +287,8 @@ class OnPolicyModule(PolicyModule):
             rollout.reward_terms, rollout.valid, rollout.prompts, rollout.responses, rollout.metadata
         )
         self._log_rollout(rollout, "train")
+        if self.dynamic_sampling is not None:
+            self.log_metrics(self.dynamic_sampling_statistics, prefix="train/dynamic_sampling/")
         self.update(rollout)
 
     @property
@@ -264,7 +350,7 @@ class OnPolicyModule(PolicyModule):
         self.log(f"{stage}/invalid_rewards", (~rollout.valid).float().sum(), reduce_fx="sum", **{**log, "batch_size": 1})
         self.log(f"{stage}/response_length", rollout.response_lengths.float().mean(), **log)
         if on_step:
-            tokens = float(rollout.response_mask.sum())
+            tokens = float(rollout.response_mask.sum()) if rollout.generated_tokens is None else rollout.generated_tokens
             self.log("train/generation_tokens_per_s", tokens / max(rollout.generation_seconds, 1e-9), **log)
             details = rollout.details or [{} for _ in rollout.responses]
             self.last_samples = [

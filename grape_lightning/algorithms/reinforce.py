@@ -18,6 +18,7 @@ from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.base import RewardFunction
 from grape_lightning.rewards.scorer import RewardScorer
 from grape_lightning.rollout.batch import Rollout
+from grape_lightning.rollout.dynamic_sampling import DynamicSamplingConfig
 from grape_lightning.rollout.sampling import SamplingParams
 
 
@@ -40,6 +41,8 @@ class REINFORCEModule(OnPolicyModule):
         kl_coef: beta of the k1 KL penalty to the reference subtracted from the reward (0: no reference).
         update: mini- and micro-batches, clipping (one epoch: REINFORCE has no ratio to correct a second).
         seed: seeds sampling (per rank and step, so a resumed run samples the same).
+        dynamic_sampling: DAPO's dynamic sampling: groups whose rewards all tie are replaced by
+            fresh ones (``{max_rounds: 3}``; None: off; :mod:`grape_lightning.rollout.dynamic_sampling`).
     """
 
     def __init__(
@@ -53,12 +56,14 @@ class REINFORCEModule(OnPolicyModule):
         kl_coef: float = 0.0,
         update: UpdateConfig | None = None,
         seed: int = 0,
+        dynamic_sampling: DynamicSamplingConfig | None = None,
     ) -> None:
         scorer = RewardScorer(list(rewards), accuracy) if rewards else None
-        super().__init__(policy, scorer, sampling, optimizer, update, reference=kl_coef > 0, seed=seed)
+        super().__init__(policy, scorer, sampling, optimizer, update, reference=kl_coef > 0, seed=seed, dynamic_sampling=dynamic_sampling)
         if self.update_config.epochs != 1:
             raise ValueError("REINFORCE takes one pass over each rollout (update.epochs: 1): its loss has no ratio for a second")
         self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="leave_one_out", scaling="none")
+        self.check_dynamic_sampling(self.advantage.baseline)
         self.kl_coef = kl_coef
         self.moving_average = MovingAverageBaseline()
 

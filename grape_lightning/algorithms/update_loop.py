@@ -155,7 +155,8 @@ def run_update(
             if float(totals[0]) == 0:
                 continue
             step_terms = WeightedSums()
-            micros = list(index.split(config.micro_batch_size))
+            # (an empty tensor splits into one empty piece: a process without rows runs padded passes only)
+            micros = list(index.split(config.micro_batch_size)) if index.numel() else []
             optimizer = module.optimizers()
             optimizer.zero_grad(set_to_none=True)
             for number in range(num_micro):

@@ -7,6 +7,12 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 
+RESPONSE_TOKENS = "response_tokens"
+"""Metadata key of a training response's length in generated tokens (EOS included), which the
+rollout collector adds to each response's copy of its prompt's metadata (a row's own field of that
+name is replaced)."""
+
+
 class RewardFunction(ABC):
     """Scores a batch of responses. One value per response; ``None``, NaN or +-inf means "could not score"
     (the response is then left out of the update and counted, never treated as 0).

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from grape_lightning.models.logprobs import response_logprobs
+from grape_lightning.rewards.base import RESPONSE_TOKENS
 from grape_lightning.rewards.scorer import Scorer
 from grape_lightning.rollout.batch import Rollout
 from grape_lightning.rollout.engine import GenerationEngine
@@ -56,6 +57,17 @@ class RolloutCollector:
         old_logprobs: bool = False,
         reference: bool = False,
     ) -> Rollout:
+        rollout = self.sample(models, batch, sampling, generator)
+        return self.add_logprobs(models, rollout, sampling, old_logprobs=old_logprobs, reference=reference)
+
+    def sample(
+        self, models: PolicyModelsMixin, batch: dict[str, Any], sampling: SamplingParams, generator: torch.Generator | None
+    ) -> Rollout:
+        """Generate and score: the rollout without pi_old's or the reference's log-probs.
+
+        Each response's metadata is the prompt's, plus ``response_tokens``: the number of tokens
+        the policy generated for it (EOS included), which a reward on the response's length in
+        tokens reads (:class:`~grape_lightning.rewards.overlong.OverlongPunishment`)."""
         policy = models.policy
         was_training = policy.training
         policy.eval()
@@ -74,9 +86,10 @@ class RolloutCollector:
         responses = models.tokenizer.batch_decode(
             [ids[mask].tolist() for ids, mask in zip(generation.input_ids, generation.response_mask)], skip_special_tokens=True
         )
+        metadata = [{**meta, RESPONSE_TOKENS: int(n)} for meta, n in zip(batch["metadata"], generation.response_mask.sum(-1).tolist())]
         groups = batch["groups"].to(device)
-        scores = self.scorer(batch["prompts"], responses, batch["metadata"], groups)
-        rollout = Rollout(
+        scores = self.scorer(batch["prompts"], responses, metadata, groups)
+        return Rollout(
             input_ids=generation.input_ids,
             attention_mask=generation.attention_mask,
             response_mask=generation.response_mask,
@@ -87,7 +100,7 @@ class RolloutCollector:
             groups=groups,
             prompts=batch["prompts"],
             responses=responses,
-            metadata=batch["metadata"],
+            metadata=metadata,
             reward_terms=scores.terms,
             correct=None if scores.correct is None else scores.correct.to(device),
             off_policy=batch.get("off_policy", torch.zeros(len(responses), dtype=torch.bool)).to(device),
@@ -95,8 +108,14 @@ class RolloutCollector:
             statistics=scores.statistics,
             generation_seconds=generation_seconds,
         )
+
+    def add_logprobs(
+        self, models: PolicyModelsMixin, rollout: Rollout, sampling: SamplingParams, old_logprobs: bool = False, reference: bool = False
+    ) -> Rollout:
+        """``rollout`` with pi_old's log-probs recomputed by a training-mode forward (``old_logprobs``)
+        and the reference's (``reference``)."""
         if old_logprobs:
-            rollout.old_logprobs = self.logprobs(rollout, policy, like=rollout.old_logprobs, temperature=sampling.logprob_temperature)
+            rollout.old_logprobs = self.logprobs(rollout, models.policy, like=rollout.old_logprobs, temperature=sampling.logprob_temperature)
         if reference:
             rollout.ref_logprobs = models.with_reference(
                 lambda model: self.logprobs(rollout, model, like=rollout.old_logprobs, temperature=sampling.logprob_temperature)

@@ -109,6 +109,17 @@ class RolloutDataModule(TokenizedDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         return self.make_loader(self.train_items, partial(collate_prompts, group_size=self.group_size), train=True)
 
+    def draw_prompts(self, count: int, generator: torch.Generator) -> dict[str, Any]:
+        """``count`` training prompts drawn uniformly with ``generator`` (without replacement up to
+        the size of the training set), each repeated ``group_size`` times, as a training batch: the
+        fresh prompts of dynamic sampling's extra rounds (:mod:`grape_lightning.rollout.dynamic_sampling`).
+        The draw depends on the generator alone, not on the loader's position."""
+        if not self.train_items:
+            raise RuntimeError("draw_prompts: the DataModule is not set up (no training prompts)")
+        size = len(self.train_items)
+        order = torch.cat([torch.randperm(size, generator=generator) for _ in range(-(-count // size))])[:count]
+        return collate_prompts([self.train_items[i] for i in order.tolist()], self.group_size)
+
     def val_dataloader(self) -> ResumableDataLoader | list:
         if not self.val_items:
             return []

@@ -30,8 +30,11 @@ def test_training_benchmark_variable_lengths(tmp_path):
 
 def test_on_policy_benchmark_reports_each_algorithm(tmp_path):
     _run(tmp_path, "bench_grpo.py", "--shape", "tiny", "--prompts", "2", "--group", "2", "--prompt", "8", "--new", "4",
-         "--micro-batch", "2", "--steps", "1", "--warmup", "1", "--algorithms", "grpo", "grape", "ppo", "gspo", "cispo")
+         "--micro-batch", "2", "--steps", "1", "--warmup", "1", "--algorithms", "grpo", "dapo", "grape", "ppo", "gspo",
+         "cispo")
     rows = json.loads((tmp_path / "grpo_step.json").read_text())["rows"]
-    assert [row["impl"] for row in rows] == ["ours-grpo", "ours-grape", "ours-ppo", "ours-gspo", "ours-cispo"]
+    assert [row["impl"] for row in rows] == ["ours-grpo", "ours-dapo", "ours-grape", "ours-ppo", "ours-gspo", "ours-cispo"]
     for row in rows:
         assert row["step_s"] >= row["generation_s"] + row["update_s"] > 0
+    dapo = rows[1]
+    assert 1 <= dapo["rounds"] <= 4 and dapo["prompts_generated"] >= 2  # the loader's 2 prompts, and fresh ones per extra round

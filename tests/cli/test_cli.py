@@ -76,6 +76,8 @@ RL_TAGS = {
             "train/advantage_std", "train/return_mean"},
     "ppo_reward_model": {"train/reward_scale", "train/value_loss", "train/explained_variance"},
     "grpo": {"train/clip_fraction_low", "train/clip_fraction_high", "train/tied_groups", "train/entropy"},
+    "dapo": {"train/clip_fraction_low", "train/clip_fraction_high", "train/tied_groups", "train/entropy", "train/reward/overlong_punishment"} | {
+        f"train/dynamic_sampling/{name}" for name in ("rounds", "prompts_generated", "kept_groups", "filled_groups", "sampled_reward", "sampled_accuracy")},
     "gspo": {"train/clip_fraction_low", "train/clip_fraction_high", "train/ratio_mean", "train/tied_groups", "train/entropy"},
     "cispo": {"train/clip_fraction_low", "train/clip_fraction_high", "train/ratio_mean", "train/tied_groups", "train/entropy"},
     "reinforce": {"train/advantage_abs_mean", "train/entropy"},

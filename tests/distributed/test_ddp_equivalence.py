@@ -13,6 +13,13 @@ responses of unequal lengths, unscorable rewards on some rows, reward scaling by
 PPO (under DDP) adds global statistics of its own: reward scaling by the batch std, advantage
 whitening, the adaptive KL coefficient, and a value model whose state is compared too.
 
+DAPO (GRPO with dynamic sampling) samples the same global rollout in every round (seeded by step
+and round, whole groups per rank) and drops tied groups from the loss (``filter_tied_groups``): the
+ranks keep different numbers of informative groups (tracked and checked) and top up with different
+tied groups, run the same rounds, and train, as one process does, on every informative group of
+the global rollouts; the round statistics are global sums. Under FSDP2 too, where every round's
+generation gathers the parameters on every rank.
+
 REINFORCE, rejection sampling, GRAPE and TRPO run the same comparison with the ranks holding different
 numbers of rows in the loss (13 and 12 valid rewards with micro-batches of 4; different numbers
 of kept responses; GRAPE's off-policy responses for some prompts only), where the update loop
@@ -23,7 +30,6 @@ Run by the tests as ``python -m tests.distributed.test_ddp_equivalence <algorith
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -35,6 +41,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+
+from grape_lightning.rewards import RewardFunction
 
 ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_PROMPTS = 8  # per GRPO step: 4 per rank with two ranks
@@ -52,7 +60,7 @@ def _spec(algorithm: str):
 
 def _setup(algorithm: str, devices: int):
     from grape_lightning.algorithms import (
-        AdvantageConfig, CISPOModule, DPOModule, GRAPEModule, GRPOModule, GSPOModule, OffPolicyConfig, OptimizerConfig, REINFORCEModule,
+        AdvantageConfig, CISPOModule, DPOModule, DynamicSamplingConfig, GRAPEModule, GRPOModule, GSPOModule, OffPolicyConfig, OptimizerConfig, REINFORCEModule,
         RejectionSamplingModule, SFTModule, SurrogateConfig, UpdateConfig,
     )
     from grape_lightning.algorithms.on_policy import derive_seed
@@ -61,6 +69,7 @@ def _setup(algorithm: str, devices: int):
     from grape_lightning.rewards import RewardFunction
     from grape_lightning.rollout import RolloutDataModule, SamplingParams
     from grape_lightning.rollout.datamodule import collate_prompts
+    from grape_lightning.rollout.dynamic_sampling import informative_groups
 
     spec = _spec(algorithm)
     optimizer = OptimizerConfig(lr=1e-2)
@@ -93,6 +102,19 @@ def _setup(algorithm: str, devices: int):
         def setup(self, stage: str) -> None:
             data = self.trainer.datamodule
             self.global_items = data.train_items[:GLOBAL_PROMPTS]
+            self.all_items = data.train_items
+            self.kept_per_step: list[int] = []
+
+        def sample_round(self, batch, sampling, round_number):
+            """Dynamic sampling's rounds: round r of step s samples the global prompts of window
+            s (rounds + 1) + r, seeded by (step, round); this rank's share of whole groups."""
+            window = self.global_step * (DAPO_ROUNDS + 1) + round_number
+            items = self.all_items[window * GLOBAL_PROMPTS : (window + 1) * GLOBAL_PROMPTS]
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.global_step, round_number))
+            rollout = self.collector.sample(self, collate_prompts(items, GROUP_SIZE), sampling, generator)
+            world, rank = self.trainer.world_size, self.global_rank
+            rows = (rollout.groups % world == rank).nonzero().flatten()
+            return rollout.select(rows, groups=rollout.groups[rows] // world)
 
         def _generator(self) -> torch.Generator:
             return torch.Generator().manual_seed(derive_seed(self.seed, self.global_step))
@@ -100,10 +122,14 @@ def _setup(algorithm: str, devices: int):
         def collect_rollout(self, batch, sampling=None):
             if sampling is not None:  # greedy evaluation: the rank's own prompts
                 return super().collect_rollout(batch, sampling)
+            if self.dynamic_sampling is not None:  # the rounds sample global rollouts (sample_round)
+                rollout = super().collect_rollout(batch)
+                self.kept_per_step.append(int(informative_groups(rollout.rewards, rollout.groups, rollout.valid).sum()))
+                return rollout
             rollout = super().collect_rollout(collate_prompts(self.global_items, GROUP_SIZE))
             world, rank = self.trainer.world_size, self.global_rank
             rows = (rollout.groups % world == rank).nonzero().flatten()
-            return _select(rollout, rows, renumber=lambda groups: groups // world)
+            return rollout.select(rows, groups=rollout.groups[rows] // world)
 
     common = dict(sampling=SamplingParams(max_new_tokens=6), optimizer=optimizer, update=UpdateConfig(micro_batch_size=4, max_grad_norm=0.5))
     rewards = [LengthParityWithGaps()]
@@ -134,12 +160,41 @@ def _setup(algorithm: str, devices: int):
             off_policy=OffPolicyConfig(responses_file="responses.jsonl", treatment="all"),
             loss=SurrogateConfig(beta=0.1, aggregation="token"), **common,
         )
+    elif algorithm == "dapo":
+        # informative only on the first half of each window's prompts (two of each rank's four):
+        # at most as many informative groups over the rounds as the batch holds, so no process
+        # truncates and the kept groups are those of one process on the global rollouts
+        prompts = train_prompts(64)
+        assert len(set(prompts)) == len(prompts)
+        marked = {prompts[w * GLOBAL_PROMPTS + g] for w in range(STEPS * (DAPO_ROUNDS + 1)) for g in range(GLOBAL_PROMPTS // 2)}
+        module = SameGlobalRollout(
+            spec, rewards=[ParityOnMarkedPrompts(marked)], advantage=AdvantageConfig("mean", "group"),
+            loss=SurrogateConfig(beta=0.1, eps_high=0.28, aggregation="token", filter_tied_groups=True),
+            dynamic_sampling=DynamicSamplingConfig(max_rounds=DAPO_ROUNDS), **common,
+        )
+        # the loader's batch sets the number of groups wanted: the global batch, split over the ranks
+        return module, RolloutDataModule(task=ArithmeticTask(num_train=64, num_val=4), group_size=GROUP_SIZE, batch_size=GLOBAL_PROMPTS // devices)
     else:
         module = SameGlobalRollout(
             spec, rewards=rewards, advantage=AdvantageConfig("mean", "batch"), loss=SurrogateConfig(beta=0.1, aggregation="token"), **common,
         )
     data = RolloutDataModule(task=ArithmeticTask(num_train=64, num_val=4), group_size=GROUP_SIZE, batch_size=4)
     return module, data
+
+
+DAPO_ROUNDS = 1  # extra generation rounds of dynamic sampling per step
+
+
+class ParityOnMarkedPrompts(RewardFunction):
+    """1 for responses of odd length to the marked prompts; 1 for every response to the others
+    (their groups tie)."""
+
+    def __init__(self, marked: set[str]) -> None:
+        super().__init__()
+        self.marked = marked
+
+    def __call__(self, prompts, responses, metadata):
+        return [float(len(r) % 2) if p in self.marked else 1.0 for p, r in zip(prompts, responses)]
 
 
 GRAPE_RUBRIC = """\
@@ -160,21 +215,6 @@ def train_prompts(count):
     from grape_lightning.data.tasks import ArithmeticTask
 
     return [example.prompt for example in ArithmeticTask(num_train=64, num_val=4).examples("train")][:count]
-
-
-def _select(rollout, rows, renumber):
-    fields = {}
-    for field in dataclasses.fields(rollout):
-        value = getattr(rollout, field.name)
-        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == len(rollout):
-            value = value[rows]
-        elif isinstance(value, list) and len(value) == len(rollout):
-            value = [value[i] for i in rows.tolist()]
-        elif isinstance(value, dict):
-            value = {key: item[rows] if isinstance(item, torch.Tensor) else item for key, item in value.items()}
-        fields[field.name] = value
-    fields["groups"] = renumber(fields["groups"])
-    return type(rollout)(**fields)
 
 
 def algorithm_of(module) -> str:
@@ -201,7 +241,8 @@ class RecordLosses(L.Callback):
             for name, tensor in (module.state_dict() if algorithm_of(module) == "ppo" else module.policy.state_dict()).items()
         }
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-        torch.save({"losses": self.losses, "policy": state, "metrics": metrics}, self.out / f"rank{trainer.global_rank}.pt")
+        kept = getattr(module, "kept_per_step", None)
+        torch.save({"losses": self.losses, "policy": state, "metrics": metrics, "kept": kept}, self.out / f"rank{trainer.global_rank}.pt")
 
 
 def main(algorithm: str, devices: int, out: str, strategy: str) -> None:
@@ -232,8 +273,8 @@ def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list
     "algorithm, strategy",
     [
         ("grpo", "ddp"), ("grape", "ddp"), ("reinforce", "ddp"), ("rejection_sampling", "ddp"), ("ppo", "ddp"), ("trpo", "ddp"),
-        ("dpo", "ddp"), ("gspo", "ddp"), ("cispo", "ddp"),
-        ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"),
+        ("dpo", "ddp"), ("gspo", "ddp"), ("cispo", "ddp"), ("dapo", "ddp"),
+        ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"), ("dapo", "fsdp2"),
     ],
 )
 def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorithm, strategy, tmp_path):
@@ -259,6 +300,8 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
         "grape": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "reinforce": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "gspo": ("train/policy_loss", "train/tied_groups", "train/advantage_abs_mean", "train/entropy", "train/clip_fraction_high", "train/ratio_mean"),
+        "dapo": ("train/kl", "train/policy_loss", "train/entropy", "train/clip_fraction_high") + tuple(
+            f"train/dynamic_sampling/{name}" for name in ("rounds", "prompts_generated", "kept_groups", "filled_groups", "sampled_reward")),
         "cispo": ("train/policy_loss", "train/tied_groups", "train/advantage_abs_mean", "train/entropy", "train/clip_fraction_high", "train/ratio_mean"),
         "rejection_sampling": ("train/nll", "train/kept_fraction", "train/kept_reward"),
         "trpo": ("train/kl_after_step", "train/surrogate_improvement", "train/cg_residual", "train/advantage_abs_mean"),
@@ -266,6 +309,12 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
     }
     for name in checked.get(algorithm, ()):
         assert abs(single["metrics"][name] - ranks[0]["metrics"][name]) < 1e-10, name
+    if algorithm == "dapo":
+        kept = [ranks[0]["kept"], ranks[1]["kept"]]
+        print(f"dapo: informative groups kept per step: 1 process {single['kept']}, ranks {kept[0]} / {kept[1]}")
+        assert kept[0] != kept[1]  # the ranks trained on different numbers of groups
+        assert [a + b for a, b in zip(*kept)] == single["kept"]
+        assert ranks[0]["metrics"]["train/dynamic_sampling/rounds"] == 1 + DAPO_ROUNDS
 
 
 def _initial_policy(algorithm: str) -> dict:

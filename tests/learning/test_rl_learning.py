@@ -9,12 +9,12 @@ import lightning as L
 import pytest
 
 from grape_lightning.algorithms import (
-    AdvantageConfig, CISPOModule, GRPOModule, GSPOModule, OptimizerConfig, REINFORCEModule, RejectionSamplingModule, SurrogateConfig,
+    AdvantageConfig, CISPOModule, DynamicSamplingConfig, GRPOModule, GSPOModule, OptimizerConfig, REINFORCEModule, RejectionSamplingModule, SurrogateConfig,
     UpdateConfig,
 )
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.models import ModelSpec
-from grape_lightning.rewards import NumericMatch
+from grape_lightning.rewards import NumericMatch, OverlongPunishment
 from grape_lightning.rollout import RolloutDataModule, SamplingParams
 
 ALGORITHMS = {
@@ -26,7 +26,14 @@ ALGORITHMS = {
     "cispo": (CISPOModule, {"update": UpdateConfig(mini_batch_size=64)}),
     "reinforce": (REINFORCEModule, {"advantage": AdvantageConfig("leave_one_out", "none")}),
     "rejection_sampling": (RejectionSamplingModule, {"keep_top_k": 1, "reward_threshold": 1.0}),
+    # configs/dapo.yaml: clip-higher, token aggregation, no KL, dynamic sampling (4 fresh prompts
+    # per extra round), the soft overlong punishment beside the task's reward
+    "dapo": (GRPOModule, {
+        "loss": SurrogateConfig(beta=0.0, eps_high=0.28, aggregation="token"),
+        "dynamic_sampling": DynamicSamplingConfig(max_rounds=3, prompts_per_round=4),
+    }),
 }
+EXTRA_REWARDS = {"dapo": lambda: [OverlongPunishment(max_length=6, cache_length=2)]}
 
 
 def _val_accuracy(trainer, module, datamodule) -> float:
@@ -62,7 +69,12 @@ def train_from_sft_model(module_class, rewards, options: dict, max_steps: int, t
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_validation_accuracy_rises(name, tmp_path):
     module_class, options = ALGORITHMS[name]
-    trainer, before, after = train_from_sft_model(module_class, [NumericMatch()], options, 100, tmp_path)
+    rewards = [NumericMatch(), *EXTRA_REWARDS.get(name, list)()]
+    trainer, before, after = train_from_sft_model(module_class, rewards, options, 100, tmp_path)
     print(f"{name}: greedy val accuracy {before:.3f} -> {after:.3f}")
     assert trainer.global_step == 100
+    if name == "dapo":  # extra rounds sampled fresh prompts (validation replaces callback_metrics: read the module)
+        statistics = trainer.lightning_module.dynamic_sampling_statistics
+        print(f"dapo, last step: {statistics}")
+        assert statistics["prompts_generated"] >= 16 and 1 <= statistics["rounds"] <= 4
     assert after >= before + 0.08

@@ -1,11 +1,13 @@
 """On-policy module mechanics: invalid rewards, first-iteration ratios, step counts, selection, resume."""
 
+import re
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from grape_lightning.algorithms import AdvantageConfig, GRPOModule, OptimizerConfig, REINFORCEModule, SurrogateConfig, UpdateConfig
+from grape_lightning.algorithms import AdvantageConfig, DynamicSamplingConfig, GRPOModule, OptimizerConfig, REINFORCEModule, SurrogateConfig, UpdateConfig
 from grape_lightning.algorithms.rejection_sampling import select_best
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.rewards import NumericMatch, RewardFunction
@@ -18,6 +20,14 @@ class SometimesMissing(RewardFunction):
 
     def __call__(self, prompts, responses, metadata):
         return [None if i % 3 == 0 else float(len(r) % 2) for i, r in enumerate(responses)]
+
+
+class LengthParityOnSomePrompts(RewardFunction):
+    """Length parity on prompts whose first operand is even, 1 elsewhere: about half the groups
+    tie, so dynamic sampling takes extra rounds."""
+
+    def __call__(self, prompts, responses, metadata):
+        return [float(len(r) % 2) if int(re.match(r"\d+", p).group()) % 2 == 0 else 1.0 for p, r in zip(prompts, responses)]
 
 
 class LengthParity(RewardFunction):
@@ -91,18 +101,31 @@ def test_select_best_keeps_top_k_per_group_above_threshold():
     assert select_best(rewards, groups, valid, 1, None).tolist() == [False, True, False, False, True, False, False, False]
 
 
-@pytest.mark.parametrize("module_class, options", [(GRPOModule, {"loss": SurrogateConfig(beta=0.02)}), (REINFORCEModule, {"advantage": AdvantageConfig("moving_average", "none")})])
+@pytest.mark.parametrize(
+    "module_class, options",
+    [
+        (GRPOModule, {"loss": SurrogateConfig(beta=0.02)}),
+        (REINFORCEModule, {"advantage": AdvantageConfig("moving_average", "none")}),
+        # extra rounds draw fresh prompts seeded by (seed, rank, step, round): the same after a resume
+        (GRPOModule, {"loss": SurrogateConfig(beta=0.02), "dynamic_sampling": DynamicSamplingConfig(max_rounds=2, prompts_per_round=2)}),
+    ],
+    ids=["grpo", "reinforce", "grpo_dynamic_sampling"],
+)
 def test_resume_mid_run_reproduces_the_uninterrupted_run(tmp_path, module_class, options):
+    reward = LengthParityOnSomePrompts() if "dynamic_sampling" in options else LengthParity()
+
     def make():
         L.seed_everything(0)
         return module_class(
-            tiny_spec(), rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=4),
+            tiny_spec(), rewards=[reward], sampling=SamplingParams(max_new_tokens=4),
             optimizer=OptimizerConfig(lr=1e-3), **options,
         )
 
     full = make()
     initial = [p.detach().clone() for p in full.policy.parameters()]
     _trainer(tmp_path / "full", 6).fit(full, _datamodule())
+    if "dynamic_sampling" in options:  # the run did sample extra rounds
+        assert full.dynamic_sampling_statistics["rounds"] >= 2
     assert any(not torch.equal(a, b) for a, b in zip(initial, full.policy.parameters()))
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     _trainer(tmp_path / "a", 3, callbacks=[checkpoint], enable_checkpointing=True).fit(make(), _datamodule())

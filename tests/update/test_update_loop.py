@@ -87,6 +87,23 @@ def test_a_process_with_fewer_rows_pads_with_passes_that_add_nothing():
     assert math.isclose(metrics["loss"], metrics["policy_loss"], rel_tol=0, abs_tol=1e-15)
 
 
+def test_a_process_without_a_row_in_the_loss_runs_padding_passes_only():
+    """Another process holds 6 rows (2 micro-batches of 4); this one none (dynamic sampling with
+    ``filter_tied_groups`` can leave a process only tied groups): two zero-weighted passes over
+    the padding row, never a pass over an empty micro-batch, and a zero gradient."""
+    module = OneProcessOf([0, 6])
+    seen = []
+
+    def micro_loss(micro, totals):
+        seen.append(micro.tolist())
+        return LossOutput((module.weight * micro.numel()).sum() / totals[0], weight=float(micro.numel()))
+
+    metrics = run_update(module, torch.arange(0), UpdateConfig(micro_batch_size=4), lambda index: torch.tensor([index.numel() + 6.0]), micro_loss)
+    assert seen == [[0], [0]] and module.backward_losses == [0.0, 0.0]
+    (gradient,) = module.step_gradients
+    assert torch.equal(gradient, torch.zeros(3, dtype=torch.float64)) and metrics["update_steps"] == 1.0
+
+
 def test_a_step_without_a_row_in_any_process_is_skipped():
     module = OneProcessOf([0, 0])
     metrics = run_update(
