@@ -1,9 +1,11 @@
 """The clipped-surrogate update of GRPO and GRAPE: per-sequence advantages, KL to the reference.
 
-    L = agg_{i,t} [ -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta KL_it ]
+    L = agg_{i,t} [ -w_it min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta KL_it ]
 
 over the rows the algorithm trains on (:func:`~grape_lightning.losses.grpo.grpo_loss`), optimised
-by :func:`~grape_lightning.algorithms.update_loop.run_update`.
+by :func:`~grape_lightning.algorithms.update_loop.run_update`; w_it is the module's sampler/trainer
+mismatch correction (:meth:`~grape_lightning.algorithms.on_policy.OnPolicyModule.mismatch_weights`,
+1 when off).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def surrogate_update(
             token.logprobs, old_logprobs(module, rollout, micro, token.logprobs), advantages[micro], mask, ref_logprobs=ref_logprobs, beta=config.beta,
             eps_low=config.eps_low, eps_high=config.eps_high, aggregation=config.aggregation,
             kl_estimator=config.kl_estimator, constant_length=constant_length, num_sequences=num_sequences, num_tokens=num_tokens,
+            token_weights=module.mismatch_weights(rollout, micro),
         )
         terms = {"policy_loss": metrics.pop("policy_loss")}
         metrics.pop("kl", None)  # over every trained row; the logged KL is over the sampled ones
