@@ -1,4 +1,4 @@
-"""One on-policy step of 64 prompts x 8 samples x 256 new tokens (GRPO, GRAPE and PPO): step time
+"""One on-policy step of 64 prompts x 8 samples x 256 new tokens (GRPO, GRAPE, PPO, REINFORCE++, RLOO): step time
 split into generation, scoring, log-probs and update, and peak memory; with ``--peer trl`` TRL's
 GRPOTrainer (its default generation) on the same model, prompts, reward and settings, in the same
 call.
@@ -9,6 +9,14 @@ GRAPE scores each response with a two-item rubric: the text reward as a verifiab
 judged item from a rule-based critic (score and confidence from the text), so the step includes
 the rubric's confidence-weighted aggregation but no judging model. PPO trains a value head on the
 policy's trunk (one pass, GAE with gamma = lambda = 1), with its KL penalty off like the others.
+REINFORCE++ (per-token KL reward-to-go, advantages whitened over the batch's tokens) and RLOO
+(leave-one-out baseline, the sequence's KL in its reward) keep their KL to the reference, which
+defines them: their step includes the reference's and pi_old's log-prob passes.
+
+``--mismatch tis`` (or ``token_mask``, ``sequence_mask``) turns the sampler/trainer mismatch
+correction on for GRPO, GRAPE, REINFORCE++ and RLOO: pi_old's log-probs are then recomputed by the
+trainer, and each row reports the mismatch the step measured (``mismatch_kl``,
+``mismatch_ratio_max``, ``mismatch_abs_max``, ``mismatch_corrected``), logged whenever both sets exist.
 
 Settings on both sides: bf16 weights, prompts of 128 tokens, temperature 1, at most 256 new
 tokens, group size 8, no KL term (TRL's default beta = 0), one optimizer step per rollout batch
@@ -43,7 +51,9 @@ from bench_common import (
     write_report,
 )
 
-from grape_lightning.algorithms import GRAPEModule, GRPOModule, OptimizerConfig, PPOModule, SurrogateConfig, UpdateConfig
+from grape_lightning.algorithms import (
+    AdvantageConfig, GRAPEModule, GRPOModule, MismatchCorrection, OptimizerConfig, PPOModule, REINFORCEModule, SurrogateConfig, UpdateConfig,
+)
 from grape_lightning.rewards import RewardFunction
 from grape_lightning.rewards.critics import CallableCritic
 from grape_lightning.rollout import RolloutDataModule, SamplingParams
@@ -86,14 +96,21 @@ def build_module(algorithm: str, spec, workdir: Path, args):
     sampling = SamplingParams(max_new_tokens=args.new, temperature=1.0)
     optimizer = OptimizerConfig(lr=1e-6, weight_decay=0.0)
     update = UpdateConfig(micro_batch_size=args.micro_batch)
+    mismatch = MismatchCorrection(args.mismatch)
     if algorithm == "grpo":
         return GRPOModule(spec, rewards=[EvenWords()], sampling=sampling, optimizer=optimizer,
-                          loss=SurrogateConfig(beta=0.0), update=update)
+                          loss=SurrogateConfig(beta=0.0), update=update, mismatch=mismatch)
     if algorithm == "grape":
         rubric = workdir / "rubric.yaml"
         rubric.write_text(RUBRIC)
         return GRAPEModule(spec, rubric=str(rubric), critics={"short_words": CallableCritic("bench_grpo:short_words_critic")},
-                           sampling=sampling, optimizer=optimizer, loss=SurrogateConfig(beta=0.0), update=update)
+                           sampling=sampling, optimizer=optimizer, loss=SurrogateConfig(beta=0.0), update=update, mismatch=mismatch)
+    if algorithm == "reinforce_pp":  # configs/reinforce_pp.yaml
+        return REINFORCEModule(spec, rewards=[EvenWords()], sampling=sampling, optimizer=optimizer, advantage=AdvantageConfig("none", "whiten"),
+                               kl_coef=0.01, kl_reward="token", update=update, mismatch=mismatch)
+    if algorithm == "rloo":  # configs/rloo.yaml
+        return REINFORCEModule(spec, rewards=[EvenWords()], sampling=sampling, optimizer=optimizer,
+                               advantage=AdvantageConfig("leave_one_out", "none"), kl_coef=0.01, update=update, mismatch=mismatch)
     return PPOModule(spec, rewards=[EvenWords()], sampling=sampling, optimizer=optimizer, kl_coef=0.0,
                      update=UpdateConfig(epochs=1, micro_batch_size=args.micro_batch))
 
@@ -150,7 +167,8 @@ def ours(algorithm: str, spec, prompt_file: Path, args) -> dict:
     trainer = benchmark_trainer(args.warmup + args.steps, [timer, *profiler])
     reset_peak_memory()
     trainer.fit(module, datamodule)
-    return {"steps": timer.steps[args.warmup:], "peak_gib": peak_memory_gib()}
+    mismatch = {name.removeprefix("train/"): float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/mismatch_")}
+    return {"steps": timer.steps[args.warmup:], "peak_gib": peak_memory_gib(), "mismatch": mismatch}
 
 
 def trl_peer(spec, prompts: list[str], args) -> dict:
@@ -191,7 +209,9 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--algorithms", nargs="+", choices=["grpo", "grape", "ppo"], default=["grpo"])
+    parser.add_argument("--algorithms", nargs="+", choices=["grpo", "grape", "ppo", "reinforce_pp", "rloo"], default=["grpo"])
+    parser.add_argument("--mismatch", choices=["none", "tis", "token_mask", "sequence_mask"], default="none",
+                        help="sampler/trainer mismatch correction (not PPO's)")
     parser.add_argument("--peer", choices=["none", "trl"], default="none")
     parser.add_argument("--profile", action="store_true", help="profile our third step and print the top operators")
     parser.add_argument("--out", default=None, help="folder for profile tables")
@@ -211,7 +231,7 @@ def main() -> None:
         runs["trl-grpo"] = lambda: trl_peer(spec, prompts, args)
     for name, run in runs.items():
         result = run()
-        row = {"impl": name, "peak_gib": result["peak_gib"], "steps_timed": len(result["steps"])}
+        row = {"impl": name, "peak_gib": result["peak_gib"], "steps_timed": len(result["steps"]), **result.get("mismatch", {})}
         for phase in result["steps"][0]:
             row[phase] = median([step[phase] for step in result["steps"]])
         rows.append(row)
@@ -221,7 +241,8 @@ def main() -> None:
     for row in rows:
         if trl is not None and row is not trl:
             row["trl_grpo_over_ours"] = trl["step_s"] / row["step_s"]
-    write_report("grpo_step", rows, {"shape": args.shape, "prompts": args.prompts, "group": args.group, "new_tokens": args.new})
+    write_report("grpo_step", rows, {"shape": args.shape, "prompts": args.prompts, "group": args.group, "new_tokens": args.new,
+                                      "mismatch": args.mismatch})
 
 
 if __name__ == "__main__":

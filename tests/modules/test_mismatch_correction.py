@@ -164,3 +164,29 @@ def test_correction_without_sampler_log_probs_is_refused():
     rollout.sampling_logprobs = None
     with pytest.raises(ValueError, match="needs the sampler's log-probs"):
         module.mismatch_weights(rollout, torch.arange(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 sampler/trainer mismatch needs a CUDA device")
+@pytest.mark.parametrize("mode", ["tis", "sequence_mask"])
+def test_a_bf16_run_on_a_gpu_measures_a_mismatch_and_trains_through_the_correction(tmp_path, mode):
+    """bf16 on a GPU: the static-cache engine's log-probs differ from the trainer's forward, so the
+    logged mismatch is positive; the corrected update keeps the weights finite (and, truncated
+    rather than dropped, moves them)."""
+    from tests.modules.test_rl_modules import _trainer
+
+    module = GRPOModule(
+        tiny_spec(dtype="bfloat16"), rewards=[LengthParity()], sampling=SamplingParams(max_new_tokens=16, temperature=1.0),
+        loss=SurrogateConfig(beta=0.0), mismatch=MismatchCorrection(mode, cap=1.05),
+    )
+    before = [p.detach().float().clone() for p in module.policy.parameters()]
+    trainer = _trainer(tmp_path, 2, accelerator="gpu", devices=1)
+    trainer.fit(module, _datamodule())
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if "mismatch" in name}
+    print(f"\nbf16 {mode}: {metrics}")
+    assert metrics["train/mismatch_abs_max"] > 0 and metrics["train/mismatch_ratio_max"] > 0
+    assert metrics["train/mismatch_kl"] >= 0 and 0 <= metrics["train/mismatch_corrected"] <= 1
+    after = [p.detach().float().cpu() for p in module.policy.parameters()]
+    assert all(torch.isfinite(p).all() for p in after)
+    if mode == "tis":
+        assert any(not torch.equal(a, b) for a, b in zip(before, after))
