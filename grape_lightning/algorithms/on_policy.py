@@ -304,7 +304,8 @@ class OnPolicyModule(PolicyModule):
         if rollout.sampling_logprobs is None or rollout.old_logprobs is rollout.sampling_logprobs:
             return
         sums, maxima = mismatch_statistics(rollout.old_logprobs, rollout.sampling_logprobs, rollout.trained_mask, self.mismatch)
-        (count, k3, corrected), (ratio_max, abs_max) = self.sum_across_processes(sums).tolist(), self.max_across_processes(maxima).tolist()
+        count, k3, corrected = self.sum_across_processes(sums).tolist()
+        ratio_max, abs_max = self.max_across_processes(maxima).tolist()
         if count == 0:
             return
         metrics = {"mismatch_kl": k3 / count, "mismatch_ratio_max": ratio_max, "mismatch_abs_max": abs_max}
