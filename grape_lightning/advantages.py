@@ -168,6 +168,12 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, returns
 
 
+def reward_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """G_t = sum_{s >= t} gamma^(s - t) r_s over the tokens of ``mask`` of each row (s runs over
+    the masked tokens from t on), zero outside ``mask``: :func:`gae` with V = 0 and lambda = 1."""
+    return gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[0]
+
+
 def merge_moments(a: Tensor, b: Tensor) -> Tensor:
     """(count, mean, M2) of two streams together (the parallel merge of Chan et al., 1979):
 

@@ -1,4 +1,5 @@
-"""One on-policy step of 64 prompts x 8 samples x 256 new tokens (GRPO, DAPO, GRAPE, PPO, GSPO, CISPO): step time
+"""One on-policy step of 64 prompts x 8 samples x 256 new tokens (GRPO, DAPO, GRAPE, PPO, GSPO, CISPO,
+REINFORCE++, RLOO): step time
 split into generation, scoring, log-probs and update, and peak memory; with ``--peer trl`` TRL's
 GRPOTrainer (its default generation) on the same model, prompts, reward and settings, in the same
 call.
@@ -15,6 +16,14 @@ GRAPE scores each response with a two-item rubric: the text reward as a verifiab
 judged item from a rule-based critic (score and confidence from the text), so the step includes
 the rubric's confidence-weighted aggregation but no judging model. PPO trains a value head on the
 policy's trunk (one pass, GAE with gamma = lambda = 1), with its KL penalty off like the others.
+REINFORCE++ (per-token KL reward-to-go, advantages whitened over the batch's tokens) and RLOO
+(leave-one-out baseline, the sequence's KL in its reward) keep their KL to the reference, which
+defines them: their step includes the reference's and pi_old's log-prob passes.
+
+``--mismatch tis`` (or ``token_mask``, ``sequence_mask``) turns the sampler/trainer mismatch
+correction on for GRPO, GRAPE, REINFORCE++ and RLOO: pi_old's log-probs are then recomputed by the
+trainer, and each row reports the mismatch the step measured (``mismatch_kl``,
+``mismatch_ratio_max``, ``mismatch_abs_max``, ``mismatch_corrected``), logged whenever both sets exist.
 
 Settings on both sides: bf16 weights, prompts of 128 tokens, temperature 1, at most 256 new
 tokens, group size 8, no KL term (TRL's default beta = 0), one optimizer step per rollout batch
@@ -50,13 +59,16 @@ from bench_common import (
 )
 
 from grape_lightning.algorithms import (
+    AdvantageConfig,
     CISPOModule,
     DynamicSamplingConfig,
     GRAPEModule,
     GRPOModule,
     GSPOModule,
+    MismatchCorrection,
     OptimizerConfig,
     PPOModule,
+    REINFORCEModule,
     SurrogateConfig,
     UpdateConfig,
 )
@@ -104,21 +116,27 @@ def build_module(algorithm: str, spec, workdir: Path, args):
         "optimizer": OptimizerConfig(lr=1e-6, weight_decay=0.0),
         "update": UpdateConfig(micro_batch_size=args.micro_batch),
     }
+    mismatch = MismatchCorrection(args.mismatch)
     if algorithm == "grape":
         rubric = workdir / "rubric.yaml"
         rubric.write_text(RUBRIC)
         return GRAPEModule(spec, rubric=str(rubric), critics={"short_words": CallableCritic("bench_grpo:short_words_critic")},
-                           loss=SurrogateConfig(beta=0.0), **common)
+                           loss=SurrogateConfig(beta=0.0), mismatch=mismatch, **common)
     builders = {
-        "grpo": lambda: GRPOModule(spec, rewards=[EvenWords()], loss=SurrogateConfig(beta=0.0), **common),
+        "grpo": lambda: GRPOModule(spec, rewards=[EvenWords()], loss=SurrogateConfig(beta=0.0), mismatch=mismatch, **common),
         # configs/dapo.yaml's settings
         "dapo": lambda: GRPOModule(
             spec, rewards=[EvenWords(), OverlongPunishment(max_length=args.new, cache_length=max(args.new // 4, 1))],
             loss=SurrogateConfig(beta=0.0, eps_low=0.2, eps_high=0.28, aggregation="token"),
-            dynamic_sampling=DynamicSamplingConfig(max_rounds=3), **common),
+            dynamic_sampling=DynamicSamplingConfig(max_rounds=3), mismatch=mismatch, **common),
         "ppo": lambda: PPOModule(spec, rewards=[EvenWords()], kl_coef=0.0, **common),
-        "gspo": lambda: GSPOModule(spec, rewards=[EvenWords()], **common),
-        "cispo": lambda: CISPOModule(spec, rewards=[EvenWords()], **common),
+        "gspo": lambda: GSPOModule(spec, rewards=[EvenWords()], mismatch=mismatch, **common),
+        "cispo": lambda: CISPOModule(spec, rewards=[EvenWords()], mismatch=mismatch, **common),
+        "reinforce_pp": lambda: REINFORCEModule(  # configs/reinforce_pp.yaml
+            spec, rewards=[EvenWords()], advantage=AdvantageConfig("none", "whiten"), kl_coef=0.01, kl_reward="token",
+            mismatch=mismatch, **common),
+        "rloo": lambda: REINFORCEModule(  # configs/rloo.yaml
+            spec, rewards=[EvenWords()], advantage=AdvantageConfig("leave_one_out", "none"), kl_coef=0.01, mismatch=mismatch, **common),
     }
     return builders[algorithm]()
 
@@ -178,7 +196,8 @@ def ours(algorithm: str, spec, prompt_file: Path, args) -> dict:
     trainer = benchmark_trainer(args.warmup + args.steps, [timer, *profiler])
     reset_peak_memory()
     trainer.fit(module, datamodule)
-    return {"steps": timer.steps[args.warmup:], "peak_gib": peak_memory_gib()}
+    mismatch = {name.removeprefix("train/"): float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/mismatch_")}
+    return {"steps": timer.steps[args.warmup:], "peak_gib": peak_memory_gib(), "mismatch": mismatch}
 
 
 def trl_peer(spec, prompts: list[str], args) -> dict:
@@ -219,8 +238,10 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--algorithms", nargs="+", choices=["grpo", "dapo", "grape", "ppo", "gspo", "cispo"],
-                        default=["grpo"])
+    parser.add_argument("--algorithms", nargs="+", default=["grpo"],
+                        choices=["grpo", "dapo", "grape", "ppo", "gspo", "cispo", "reinforce_pp", "rloo"])
+    parser.add_argument("--mismatch", choices=["none", "tis", "token_mask", "sequence_mask"], default="none",
+                        help="sampler/trainer mismatch correction (not PPO's)")
     parser.add_argument("--peer", choices=["none", "trl"], default="none")
     parser.add_argument("--profile", action="store_true", help="profile our third step and print the top operators")
     parser.add_argument("--out", default=None, help="folder for profile tables")
@@ -240,7 +261,7 @@ def main() -> None:
         runs["trl-grpo"] = lambda: trl_peer(spec, prompts, args)
     for name, run in runs.items():
         result = run()
-        row = {"impl": name, "peak_gib": result["peak_gib"], "steps_timed": len(result["steps"])}
+        row = {"impl": name, "peak_gib": result["peak_gib"], "steps_timed": len(result["steps"]), **result.get("mismatch", {})}
         for phase in result["steps"][0]:
             row[phase] = median([step[phase] for step in result["steps"]])
         rows.append(row)
@@ -250,7 +271,8 @@ def main() -> None:
     for row in rows:
         if trl is not None and row is not trl:
             row["trl_grpo_over_ours"] = trl["step_s"] / row["step_s"]
-    write_report("grpo_step", rows, {"shape": args.shape, "prompts": args.prompts, "group": args.group, "new_tokens": args.new})
+    write_report("grpo_step", rows, {"shape": args.shape, "prompts": args.prompts, "group": args.group, "new_tokens": args.new,
+                                      "mismatch": args.mismatch})
 
 
 if __name__ == "__main__":

@@ -17,10 +17,13 @@ from grape_lightning.algorithms.surrogate_update import SurrogateConfig
 from grape_lightning.algorithms.trpo import TRPOModule
 from grape_lightning.algorithms.update_loop import UpdateConfig
 from grape_lightning.advantages import AdvantageConfig
+from grape_lightning.losses.mismatch import MismatchCorrection
 from grape_lightning.rollout.dynamic_sampling import DynamicSamplingConfig
 from grape_lightning.rollout.off_policy import OffPolicyConfig
 
 __all__ = [
-    "AdvantageConfig", "DynamicSamplingConfig", "SurrogateConfig", "UpdateConfig", "CISPOModule", "DPOModule", "GRAPEModule", "GRPOModule", "GSPOModule", "OffPolicyConfig", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "PPOModule", "REINFORCEModule",
+    "AdvantageConfig", "DynamicSamplingConfig", "SurrogateConfig", "UpdateConfig", "CISPOModule", "DPOModule", "GRAPEModule",
+    "GRPOModule", "GSPOModule", "MismatchCorrection", "OffPolicyConfig", "OnPolicyModule", "OptimizerConfig", "PolicyModule",
+    "PPOModule", "REINFORCEModule",
     "RejectionSamplingModule", "RewardModelModule", "SFTModule", "TRPOModule",
 ]

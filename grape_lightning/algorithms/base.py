@@ -88,6 +88,13 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
             return tensor
         return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
+    def max_across_processes(self, tensor: Tensor) -> Tensor:
+        """The elementwise maximum of ``tensor`` over the processes of the run (itself in one
+        process or without a trainer). Every process must call it, in the same order."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="max")
+
     def gather_counts(self, count: int) -> list[int]:
         """``count`` of every process, in rank order (``[count]`` in one process or without a trainer).
         Every process must call it, in the same order."""

@@ -13,6 +13,7 @@ from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.algorithms.policy_update import policy_update
 from grape_lightning.algorithms.update_loop import UpdateConfig
 from grape_lightning.losses.cispo import cispo_loss
+from grape_lightning.losses.mismatch import MismatchCorrection
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.base import RewardFunction
 from grape_lightning.rewards.scorer import RewardScorer
@@ -54,6 +55,9 @@ class CISPOModule(OnPolicyModule):
         eps_high: weights above 1 + eps_high are lowered to it; MiniMax-M1 tunes it without
             publishing a value; the default is DAPO's clip-higher 0.28.
         update: epochs, mini- and micro-batches, clipping.
+        mismatch: correction of the sampler/trainer mismatch (``tis``, ``token_mask``,
+            ``sequence_mask``; default none), a stop-gradient weight on each token's policy term
+            (:mod:`grape_lightning.losses.mismatch`).
         seed: seeds sampling (per rank and step, so a resumed run samples the same).
         dynamic_sampling: DAPO's dynamic sampling: groups whose rewards all tie are replaced by
             fresh ones (``{max_rounds: 3}``; None: off; :mod:`grape_lightning.rollout.dynamic_sampling`).
@@ -72,11 +76,15 @@ class CISPOModule(OnPolicyModule):
         eps_low: float = 1.0,
         eps_high: float = 0.28,
         update: UpdateConfig | None = None,
+        mismatch: MismatchCorrection | None = None,
         seed: int = 0,
         dynamic_sampling: DynamicSamplingConfig | None = None,
     ) -> None:
         scorer = RewardScorer(list(rewards), accuracy) if rewards else None
-        super().__init__(policy, scorer, sampling, optimizer, update, reference=False, seed=seed, dynamic_sampling=dynamic_sampling)
+        super().__init__(
+            policy, scorer, sampling, optimizer, update, reference=False, seed=seed, mismatch=mismatch,
+            dynamic_sampling=dynamic_sampling,
+        )
         if eps_low < 0 or eps_high < 0:
             raise ValueError(f"CISPO: eps_low and eps_high must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
         self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="mean", scaling="group")
@@ -85,10 +93,12 @@ class CISPOModule(OnPolicyModule):
 
 
     def policy_loss(
-        self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, num_sequences: float, num_tokens: float
+        self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, num_sequences: float, num_tokens: float,
+        token_weights: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         return cispo_loss(
-            logprobs, old_logprobs, advantages, mask, eps_low=self.eps_low, eps_high=self.eps_high, num_tokens=num_tokens
+            logprobs, old_logprobs, advantages, mask, eps_low=self.eps_low, eps_high=self.eps_high, num_tokens=num_tokens,
+            token_weights=token_weights,
         )
 
     def update(self, rollout: Rollout) -> None:

@@ -12,6 +12,7 @@ from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.algorithms.surrogate_update import SurrogateConfig, surrogate_update
 from grape_lightning.algorithms.update_loop import UpdateConfig
+from grape_lightning.losses.mismatch import MismatchCorrection
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.critics.base import Critic
 from grape_lightning.rewards.rubric import load_rubric
@@ -59,6 +60,9 @@ class GRAPEModule(OnPolicyModule):
         off_policy: responses added to each sample set besides the policy's samples.
         loss: clip range, KL penalty and token aggregation of the surrogate.
         update: epochs, mini- and micro-batches, clipping.
+        mismatch: correction of the sampler/trainer mismatch (``tis``, ``token_mask``,
+            ``sequence_mask``; default none), a stop-gradient weight on each token's policy term
+            (:mod:`grape_lightning.losses.mismatch`).
         seed: seeds sampling (per rank and step, so a resumed run samples the same).
         dynamic_sampling: DAPO's dynamic sampling: groups whose rewards all tie are replaced by
             fresh ones (``{max_rounds: 3}``; None: off; :mod:`grape_lightning.rollout.dynamic_sampling`).
@@ -78,6 +82,7 @@ class GRAPEModule(OnPolicyModule):
         off_policy: OffPolicyConfig | None = None,
         loss: SurrogateConfig | None = None,
         update: UpdateConfig | None = None,
+        mismatch: MismatchCorrection | None = None,
         seed: int = 0,
         dynamic_sampling: DynamicSamplingConfig | None = None,
     ) -> None:
@@ -85,7 +90,7 @@ class GRAPEModule(OnPolicyModule):
         off_policy = as_dataclass(off_policy, OffPolicyConfig) or OffPolicyConfig()
         scorer = ConfidenceWeightedRubric(load_rubric(rubric), dict(critics or {}), accuracy)
         super().__init__(
-            policy, scorer, sampling, optimizer, update, reference=loss.beta > 0, seed=seed,
+            policy, scorer, sampling, optimizer, update, reference=loss.beta > 0, seed=seed, mismatch=mismatch,
             off_policy=OffPolicyResponses(off_policy), dynamic_sampling=dynamic_sampling,
         )
         self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="mean", scaling="none")

@@ -10,6 +10,7 @@ from grape_lightning.algorithms.on_policy import OnPolicyModule
 from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.algorithms.surrogate_update import SurrogateConfig, surrogate_update
 from grape_lightning.algorithms.update_loop import UpdateConfig
+from grape_lightning.losses.mismatch import MismatchCorrection
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.base import RewardFunction
 from grape_lightning.rewards.scorer import RewardScorer
@@ -45,6 +46,9 @@ class GRPOModule(OnPolicyModule):
         advantage: baseline and scaling (default: group mean, group std).
         loss: clip range, KL penalty and token aggregation of the surrogate.
         update: epochs, mini- and micro-batches, clipping.
+        mismatch: correction of the sampler/trainer mismatch (``tis``, ``token_mask``,
+            ``sequence_mask``; default none), a stop-gradient weight on each token's policy term
+            (:mod:`grape_lightning.losses.mismatch`).
         seed: seeds sampling (per rank and step, so a resumed run samples the same).
         dynamic_sampling: DAPO's dynamic sampling: groups whose rewards all tie are replaced by
             fresh ones (``{max_rounds: 3}``; None: off; :mod:`grape_lightning.rollout.dynamic_sampling`).
@@ -62,12 +66,16 @@ class GRPOModule(OnPolicyModule):
         advantage: AdvantageConfig | None = None,
         loss: SurrogateConfig | None = None,
         update: UpdateConfig | None = None,
+        mismatch: MismatchCorrection | None = None,
         seed: int = 0,
         dynamic_sampling: DynamicSamplingConfig | None = None,
     ) -> None:
         loss = as_dataclass(loss, SurrogateConfig) or SurrogateConfig()
         scorer = RewardScorer(list(rewards), accuracy) if rewards else None
-        super().__init__(policy, scorer, sampling, optimizer, update, reference=loss.beta > 0, seed=seed, dynamic_sampling=dynamic_sampling)
+        super().__init__(
+            policy, scorer, sampling, optimizer, update, reference=loss.beta > 0, seed=seed, mismatch=mismatch,
+            dynamic_sampling=dynamic_sampling,
+        )
         self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="mean", scaling="group")
         self.check_dynamic_sampling(self.advantage.baseline)
         self.loss = loss

@@ -13,6 +13,7 @@ from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.algorithms.policy_update import policy_update
 from grape_lightning.algorithms.update_loop import UpdateConfig
 from grape_lightning.losses.gspo import gspo_loss
+from grape_lightning.losses.mismatch import MismatchCorrection
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.rewards.base import RewardFunction
 from grape_lightning.rewards.scorer import RewardScorer
@@ -54,6 +55,9 @@ class GSPOModule(OnPolicyModule):
         eps_high: sequence ratios above 1 + eps_high are clipped (GSPO's 4e-4).
         token_level: GSPO-token's ratio (the same loss and gradient for per-sequence advantages).
         update: epochs, mini- and micro-batches, clipping.
+        mismatch: correction of the sampler/trainer mismatch (``tis``, ``token_mask``,
+            ``sequence_mask``; default none), a stop-gradient weight on each token's policy term
+            (:mod:`grape_lightning.losses.mismatch`).
         seed: seeds sampling (per rank and step, so a resumed run samples the same).
         dynamic_sampling: DAPO's dynamic sampling: groups whose rewards all tie are replaced by
             fresh ones (``{max_rounds: 3}``; None: off; :mod:`grape_lightning.rollout.dynamic_sampling`).
@@ -73,11 +77,15 @@ class GSPOModule(OnPolicyModule):
         eps_high: float = 4e-4,
         token_level: bool = False,
         update: UpdateConfig | None = None,
+        mismatch: MismatchCorrection | None = None,
         seed: int = 0,
         dynamic_sampling: DynamicSamplingConfig | None = None,
     ) -> None:
         scorer = RewardScorer(list(rewards), accuracy) if rewards else None
-        super().__init__(policy, scorer, sampling, optimizer, update, reference=False, seed=seed, dynamic_sampling=dynamic_sampling)
+        super().__init__(
+            policy, scorer, sampling, optimizer, update, reference=False, seed=seed, mismatch=mismatch,
+            dynamic_sampling=dynamic_sampling,
+        )
         if not 0 <= eps_low < 1 or eps_high < 0:
             raise ValueError(f"GSPO: eps_low must be in [0, 1) and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
         self.advantage = as_dataclass(advantage, AdvantageConfig) or AdvantageConfig(baseline="mean", scaling="group")
@@ -86,10 +94,11 @@ class GSPOModule(OnPolicyModule):
 
 
     def policy_loss(
-        self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, num_sequences: float, num_tokens: float
+        self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, num_sequences: float, num_tokens: float,
+        token_weights: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         return gspo_loss(logprobs, old_logprobs, advantages, mask, eps_low=self.eps_low, eps_high=self.eps_high,
-                         token_level=self.token_level, num_sequences=num_sequences)
+                         token_level=self.token_level, num_sequences=num_sequences, token_weights=token_weights)
 
     def update(self, rollout: Rollout) -> None:
         advantages = compute_advantages(

@@ -21,6 +21,7 @@ from grape_lightning.algorithms.base import PolicyModule, as_dataclass
 from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.models.spec import ModelSpec
 from grape_lightning.algorithms.update_loop import UpdateConfig
+from grape_lightning.losses.mismatch import MismatchCorrection, correction_weights, mismatch_statistics
 from grape_lightning.rewards.combined import InvalidRewards
 from grape_lightning.rewards.scorer import Scorer, Scores
 from grape_lightning.rollout.batch import Rollout, minibatch_indices
@@ -71,6 +72,8 @@ class OnPolicyModule(PolicyModule):
         dynamic_sampling: DAPO's dynamic sampling of the training rollouts: groups whose rewards
             all tie are replaced by fresh ones (:mod:`grape_lightning.rollout.dynamic_sampling`;
             None: off). Only for algorithms whose advantages are relative to the group.
+        mismatch: correction of the sampler/trainer mismatch (:class:`MismatchCorrection`; an
+            algorithm that applies it takes it as an argument; default: none).
     """
 
     def __init__(
@@ -84,8 +87,10 @@ class OnPolicyModule(PolicyModule):
         seed: int = 0,
         off_policy: OffPolicyResponses | None = None,
         dynamic_sampling: DynamicSamplingConfig | None = None,
+        mismatch: MismatchCorrection | None = None,
     ) -> None:
         super().__init__(optimizer)
+        self.mismatch: MismatchCorrection = as_dataclass(mismatch, MismatchCorrection) or MismatchCorrection()
         self.automatic_optimization = False
         policy = as_dataclass(policy, ModelSpec)
         self.sampling = as_dataclass(sampling, SamplingParams) or SamplingParams()
@@ -93,7 +98,9 @@ class OnPolicyModule(PolicyModule):
         self.dynamic_sampling: DynamicSamplingConfig | None = as_dataclass(dynamic_sampling, DynamicSamplingConfig)
         if self.dynamic_sampling is not None and not self.dynamic_sampling.enabled:
             self.dynamic_sampling = None
-        self.save_plain_hyperparameters(policy=policy, sampling=self.sampling, optimizer=self.optimizer_config, update=self.update_config)
+        self.save_plain_hyperparameters(
+            policy=policy, sampling=self.sampling, optimizer=self.optimizer_config, update=self.update_config, mismatch=self.mismatch
+        )
         self.build_models(policy, reference=reference, gradient_checkpointing=self.update_config.gradient_checkpointing)
         self.collector = RolloutCollector(
             build_engine(self.sampling.engine, self.tokenizer), scorer or _unscored, off_policy,
@@ -255,8 +262,23 @@ class OnPolicyModule(PolicyModule):
         """Whether the update needs pi_old's log-probs recomputed by the training forward pass
         (the sampler's may differ in rounding). An algorithm that takes one optimizer step per
         rollout with the weights that sampled can read them off its own forward pass instead
-        (:attr:`reads_old_logprobs_off_its_pass`), which saves one forward over the rollout."""
+        (:attr:`reads_old_logprobs_off_its_pass`), which saves one forward over the rollout,
+        unless it corrects the mismatch, whose ratio pi_old / pi_sampler needs both."""
+        if self.mismatch.enabled:
+            return True
         return not (self.reads_old_logprobs_off_its_pass and self.update_config.one_step_per_rollout)
+
+    def mismatch_weights(self, rollout: Rollout, micro: Tensor) -> Tensor | None:
+        """The stop-gradient weights w_t of the mismatch correction for the rows ``micro``, trimmed
+        like :meth:`Rollout.take` (None when the correction is off)."""
+        if not self.mismatch.enabled:
+            return None
+        if rollout.sampling_logprobs is None:
+            raise ValueError(f"mismatch.mode {self.mismatch.mode!r} needs the sampler's log-probs, which this rollout lacks")
+        return correction_weights(
+            rollout.take("old_logprobs", micro), rollout.take("sampling_logprobs", micro),
+            rollout.model_inputs(micro)["response_mask"], self.mismatch,
+        )
 
     # -- optimisation ----------------------------------------------------------------------------
     def minibatches(self, rows: Tensor, minibatch_size: int | None, salt: int = 0) -> list[Tensor]:
@@ -290,6 +312,7 @@ class OnPolicyModule(PolicyModule):
         if self.dynamic_sampling is not None:
             self.log_metrics(self.dynamic_sampling_statistics, prefix="train/dynamic_sampling/")
         self.update(rollout)
+        self._log_mismatch(rollout)
 
     @property
     def greedy_sampling(self) -> SamplingParams:
@@ -357,6 +380,24 @@ class OnPolicyModule(PolicyModule):
                 {"prompt": p, "response": r, "reward": float(w), **extra}
                 for p, r, w, extra in zip(rollout.prompts, rollout.responses, rollout.rewards.tolist(), details)
             ]
+
+    def _log_mismatch(self, rollout: Rollout) -> None:
+        """The sampler/trainer mismatch over the valid sampled tokens of every process, whenever
+        pi_old's log-probs were recomputed (after the update: PPO's shared trunk computes them
+        there): ``mismatch_kl`` (k3 estimate of KL(pi_sampler || pi_old)), ``mismatch_ratio_max``
+        (of pi_old / pi_sampler), ``mismatch_abs_max`` (of l_old - l_samp) and, with a correction,
+        ``mismatch_corrected`` (the share of tokens truncated or dropped)."""
+        if rollout.sampling_logprobs is None or rollout.old_logprobs is rollout.sampling_logprobs:
+            return
+        sums, maxima = mismatch_statistics(rollout.old_logprobs, rollout.sampling_logprobs, rollout.trained_mask, self.mismatch)
+        count, k3, corrected = self.sum_across_processes(sums).tolist()
+        ratio_max, abs_max = self.max_across_processes(maxima).tolist()
+        if count == 0:
+            return
+        metrics = {"mismatch_kl": k3 / count, "mismatch_ratio_max": ratio_max, "mismatch_abs_max": abs_max}
+        if self.mismatch.enabled:
+            metrics["mismatch_corrected"] = corrected / count
+        self.log_metrics(metrics)
 
     def log_metrics(self, metrics: dict[str, float], prefix: str = "train/") -> None:
         for name, value in metrics.items():

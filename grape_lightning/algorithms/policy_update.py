@@ -1,11 +1,13 @@
 """The update of a policy loss over the valid rows of a rollout (GSPO, CISPO), and the pieces it
 shares with :mod:`~grape_lightning.algorithms.surrogate_update`.
 
-    L = loss(l, l_old, A, mask; B, N)
+    L = loss(l, l_old, A, mask; B, N; w)
 
 with l the policy's log-probs of the response tokens, l_old pi_old's, A the per-sequence
-advantages, and B and N the sequences and response tokens of the global mini-batch (the
-normalisers, counted over every process), optimised by
+advantages, B and N the sequences and response tokens of the global mini-batch (the
+normalisers, counted over every process) and w the per-token weights of the sampler/trainer
+mismatch correction (None when off:
+:meth:`~grape_lightning.algorithms.on_policy.OnPolicyModule.mismatch_weights`), optimised by
 :func:`~grape_lightning.algorithms.update_loop.run_update`. No reference model, no KL term.
 """
 
@@ -25,8 +27,8 @@ from grape_lightning.rollout.batch import Rollout
 if TYPE_CHECKING:
     from grape_lightning.algorithms.on_policy import OnPolicyModule
 
-# (l, l_old, A [rows], response mask, B, N) -> (the micro-batch's share of the loss, metrics with "policy_loss")
-PolicyLoss = Callable[[Tensor, Tensor, Tensor, Tensor, float, float], tuple[Tensor, dict[str, Tensor]]]
+# (l, l_old, A [rows], response mask, B, N, w or None) -> (the micro-batch's share of the loss, metrics with "policy_loss")
+PolicyLoss = Callable[[Tensor, Tensor, Tensor, Tensor, float, float, "Tensor | None"], tuple[Tensor, dict[str, Tensor]]]
 
 
 def old_logprobs(module: OnPolicyModule, rollout: Rollout, micro: Tensor, logprobs: Tensor) -> Tensor:
@@ -105,9 +107,10 @@ def policy_update(module: OnPolicyModule, rollout: Rollout, advantages: Tensor, 
         num_sequences, num_tokens = totals.tolist()
         inputs = rollout.model_inputs(micro)
         mask = inputs["response_mask"] & valid[micro, None]
+        weights = module.mismatch_weights(rollout, micro)
         token, value, metrics = ratio_loss_pass(
             module, rollout, micro, inputs,
-            lambda logprobs, pi_old: loss(logprobs, pi_old, advantages[micro], mask, num_sequences, num_tokens),
+            lambda logprobs, pi_old: loss(logprobs, pi_old, advantages[micro], mask, num_sequences, num_tokens, weights),
         )
         tokens = float(mask.sum())
         metrics["entropy"] = (token.entropy.detach() * mask).sum() / max(tokens, 1.0)

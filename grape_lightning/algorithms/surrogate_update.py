@@ -1,9 +1,11 @@
 """The clipped-surrogate update of GRPO and GRAPE: per-sequence advantages, KL to the reference.
 
-    L = agg_{i,t} [ -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta KL_it ]
+    L = agg_{i,t} [ -w_it min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta KL_it ]
 
 over the rows the algorithm trains on (:func:`~grape_lightning.losses.grpo.grpo_loss`), optimised
-by :func:`~grape_lightning.algorithms.update_loop.run_update`.
+by :func:`~grape_lightning.algorithms.update_loop.run_update`; w_it is the module's sampler/trainer
+mismatch correction (:meth:`~grape_lightning.algorithms.on_policy.OnPolicyModule.mismatch_weights`,
+1 when off).
 """
 
 from __future__ import annotations
@@ -79,12 +81,14 @@ def surrogate_update(
         inputs = rollout.model_inputs(micro)
         mask = inputs["response_mask"] & trained[micro, None]
         ref_logprobs = rollout.take("ref_logprobs", micro) if with_kl else None
+        weights = module.mismatch_weights(rollout, micro)
 
         def surrogate(logprobs: Tensor, pi_old: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             return grpo_loss(
                 logprobs, pi_old, advantages[micro], mask, ref_logprobs=ref_logprobs, beta=config.beta,
                 eps_low=config.eps_low, eps_high=config.eps_high, aggregation=config.aggregation,
                 kl_estimator=config.kl_estimator, constant_length=constant_length, num_sequences=num_sequences, num_tokens=num_tokens,
+                token_weights=weights,
             )
 
         token, loss, metrics = ratio_loss_pass(module, rollout, micro, inputs, surrogate, only_through_ratio=config.beta == 0)

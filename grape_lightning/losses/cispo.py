@@ -15,6 +15,7 @@ def cispo_loss(
     eps_low: float = 1.0,
     eps_high: float = 0.28,
     num_tokens: int | float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped IS-weight Policy Optimization (MiniMax-M1, 2025):
 
@@ -31,6 +32,10 @@ def cispo_loss(
     is DAPO's clip-higher bound, the usual choice. Metrics: ``policy_loss``, ``clip_fraction_low`` /
     ``clip_fraction_high`` (response tokens whose weight is clipped, whatever the advantage's sign)
     and ``ratio_mean``.
+
+    ``token_weights`` w_it (no gradient; 1 when None) multiply each token's weight,
+    sg[w_it clip(r_it, ...)]: the sampler/trainer mismatch correction of
+    :func:`~grape_lightning.losses.mismatch.correction_weights`.
     """
     mask = mask.bool()
     if advantages.dim() == 1:
@@ -39,6 +44,8 @@ def cispo_loss(
     with torch.no_grad():
         ratio = torch.exp(torch.where(mask, logprobs - old_logprobs, 0.0))
         weight = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+        if token_weights is not None:
+            weight = weight * token_weights.to(weight.dtype)
     # select, not multiply: padding log-probs (possibly -inf) must not leak into the sum
     total = torch.where(mask, weight * advantages * logprobs, 0.0).sum()
     count = mask.sum() if num_tokens is None else num_tokens

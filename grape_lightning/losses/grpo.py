@@ -24,18 +24,25 @@ def grpo_loss(
     constant_length: int | None = None,
     num_sequences: int | None = None,
     num_tokens: int | float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """L = agg_{i,t} [ -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_it ]
+    """L = agg_{i,t} [ -w_it min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_it ]
 
     with KL_it = exp(l_ref - l) - (l_ref - l) - 1 (k3; or k2, never k1, whose expected gradient is 0:
     see :func:`~grape_lightning.losses.kl.kl_penalty`) and ``agg`` one of
     :func:`~grape_lightning.losses.aggregation.aggregate`'s modes. ``beta = 0`` needs no reference
     (with one, ``kl`` is still reported, by any estimator). Metrics: ``policy_loss``, ``kl`` (the
     aggregated KL), clip fractions and ``ratio_mean``.
+
+    ``token_weights`` w [batch, time] (no gradient; 1 when None) weighs each token's policy term,
+    not its KL term: the sampler/trainer mismatch correction of
+    :func:`~grape_lightning.losses.mismatch.correction_weights`.
     """
     if beta != 0.0:
         check_loss_estimator(kl_estimator)
     token_loss, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, eps_low, eps_high)
+    if token_weights is not None:
+        token_loss = token_loss * token_weights.detach().to(token_loss.dtype)
     reduce = dict(constant_length=constant_length, num_sequences=num_sequences, num_tokens=num_tokens)
     policy_loss = aggregate(token_loss, mask, aggregation, **reduce)
     loss = policy_loss

@@ -16,6 +16,7 @@ def gspo_loss(
     eps_high: float = 4e-4,
     token_level: bool = False,
     num_sequences: int | float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Group Sequence Policy Optimization (Zheng et al., 2025):
 
@@ -32,6 +33,13 @@ def gspo_loss(
         L    = -(1/B) sum_i (1/|y_i|) sum_t min(s_it A_it, clip(s_it, 1 - eps_low, 1 + eps_high) A_it)
 
     s_it equals s_i in value, so with A_it = A_i the loss and its gradient are GSPO's.
+
+    ``token_weights`` w_it (no gradient; 1 when None) weigh the per-token terms, which needs the
+    per-token form whatever ``token_level`` says (GSPO's loss and gradient at w = 1):
+
+        L = -(1/B) sum_i (1/|y_i|) sum_t w_it min(s_it A_i, clip(s_it, 1 - eps_low, 1 + eps_high) A_i)
+
+    (the sampler/trainer mismatch correction of :func:`~grape_lightning.losses.mismatch.correction_weights`).
     Metrics: ``policy_loss``, ``clip_fraction_low`` / ``clip_fraction_high`` (response tokens whose
     clip is active: s below 1 - eps_low with A < 0, above 1 + eps_high with A > 0) and
     ``ratio_mean`` (s_i averaged over the response tokens: each sequence weighs its length).
@@ -42,10 +50,12 @@ def gspo_loss(
     lengths = mask.sum(-1).clamp(min=1).to(logprobs.dtype)
     # select, not multiply: padding log-probs (possibly -inf) must not leak into the sum
     sequence_ratio = torch.exp(torch.where(mask, logprobs - old_logprobs, 0.0).sum(-1) / lengths)  # s_i, [batch]
-    if token_level:
+    if token_level or token_weights is not None:
         ratio = sequence_ratio.detach()[:, None] * torch.exp(torch.where(mask, logprobs - logprobs.detach(), 0.0))
         token_advantages = (advantages if advantages.dim() == 2 else advantages[:, None].expand_as(logprobs)).to(logprobs.dtype)
         surrogate = torch.minimum(ratio * token_advantages, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * token_advantages)
+        if token_weights is not None:
+            surrogate = surrogate * token_weights.detach().to(surrogate.dtype)
         per_sequence = torch.where(mask, surrogate, 0.0).sum(-1) / lengths
     else:
         token_advantages = advantages[:, None].expand_as(logprobs).to(logprobs.dtype)

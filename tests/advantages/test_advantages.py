@@ -18,6 +18,7 @@ from grape_lightning.advantages import (
     batch_mean_baseline,
     group_statistics,
     leave_one_out_baseline,
+    reward_to_go,
     whiten,
 )
 
@@ -396,3 +397,22 @@ def test_advantage_config_refuses_unknown_names_and_value_with_group_scaling():
         AdvantageConfig("mean", "std")
     with pytest.raises(ValueError, match="with baseline 'value' use 'none' or 'whiten'"):
         AdvantageConfig("value", "group")
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reward_to_go_matches_loops(seed, gamma):
+    """G_t = sum_{s >= t} gamma^(k) r_s, k counting the masked tokens from t; padding and holes skipped."""
+    rng = random.Random(seed)
+    batch, time = 5, 7
+    mask = [[int(rng.random() < 0.75) for _ in range(time)] for _ in range(batch)]
+    rewards = [[rng.uniform(-1, 1) for _ in range(time)] for _ in range(batch)]
+    expected = []
+    for rrow, mrow in zip(rewards, mask):
+        row = []
+        for t in range(time):
+            later = [r for r, m in zip(rrow[t:], mrow[t:]) if m]
+            row.append(math.fsum(r * gamma**k for k, r in enumerate(later)) if mrow[t] else 0.0)
+        expected.append(row)
+    got = reward_to_go(torch.tensor(rewards, dtype=torch.float64), torch.tensor(mask, dtype=torch.bool), gamma)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), **TOL)

@@ -38,3 +38,14 @@ def test_on_policy_benchmark_reports_each_algorithm(tmp_path):
         assert row["step_s"] >= row["generation_s"] + row["update_s"] > 0
     dapo = rows[1]
     assert 1 <= dapo["rounds"] <= 4 and dapo["prompts_generated"] >= 2  # the loader's 2 prompts, and fresh ones per extra round
+
+
+def test_on_policy_benchmark_runs_reinforce_pp_and_rloo_with_the_mismatch_correction(tmp_path):
+    """Their KL keeps pi_old's log-probs recomputed, so each row reports the mismatch it measured."""
+    _run(tmp_path, "bench_grpo.py", "--shape", "tiny", "--prompts", "2", "--group", "2", "--prompt", "8", "--new", "4",
+         "--micro-batch", "2", "--steps", "1", "--warmup", "1", "--algorithms", "reinforce_pp", "rloo", "--mismatch", "tis")
+    report = json.loads((tmp_path / "grpo_step.json").read_text())
+    assert [row["impl"] for row in report["rows"]] == ["ours-reinforce_pp", "ours-rloo"]
+    for row in report["rows"]:
+        assert row["step_s"] >= row["generation_s"] + row["update_s"] > 0
+        assert row["mismatch_kl"] >= 0 and row["mismatch_ratio_max"] > 0 and 0 <= row["mismatch_corrected"] <= 1

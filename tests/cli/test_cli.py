@@ -81,6 +81,9 @@ RL_TAGS = {
     "gspo": {"train/clip_fraction_low", "train/clip_fraction_high", "train/ratio_mean", "train/tied_groups", "train/entropy"},
     "cispo": {"train/clip_fraction_low", "train/clip_fraction_high", "train/ratio_mean", "train/tied_groups", "train/entropy"},
     "reinforce": {"train/advantage_abs_mean", "train/entropy"},
+    # KL to the reference: pi_old recomputed, so the sampler/trainer mismatch is logged too
+    "reinforce_pp": {"train/advantage_abs_mean", "train/entropy", "train/kl", "train/mismatch_kl", "train/mismatch_ratio_max", "train/mismatch_abs_max"},
+    "rloo": {"train/advantage_abs_mean", "train/entropy", "train/kl", "train/mismatch_kl", "train/mismatch_ratio_max", "train/mismatch_abs_max"},
     "rejection_sampling": {"train/kept_fraction", "train/nll"},
     "trpo": {"train/kl_after_step", "train/surrogate_improvement", "train/expected_improvement", "train/cg_residual",
              "train/cg_iterations", "train/line_search_tries", "train/accepted"},

@@ -150,3 +150,31 @@ def test_a_datamodule_named_another_tokenizer_loads_it():
 
     data = SFTDataModule(task=ArithmeticTask(num_train=4, num_val=2), tokenizer="grape/tiny-addition-sft")
     assert data.tokenizer.vocab_size == 100 and data.chat_template is False
+
+
+def test_reinforce_pp_and_rloo_are_reinforce_configured(instantiate):
+    """The named configurations of REINFORCEModule: REINFORCE++ (per-token KL reward-to-go, no
+    group baseline, advantages whitened over the global batch's tokens) and RLOO (leave-one-out
+    baseline, the sequence's KL subtracted from its reward); both keep a reference."""
+    from grape_lightning.algorithms import REINFORCEModule
+
+    pp = instantiate("--config", str(ROOT / "configs/reinforce_pp.yaml")).model
+    rloo = instantiate("--config", str(ROOT / "configs/rloo.yaml")).model
+    assert isinstance(pp, REINFORCEModule) and isinstance(rloo, REINFORCEModule)
+    assert (pp.kl_reward, pp.advantage.baseline, pp.advantage.scaling) == ("token", "none", "whiten")
+    assert (rloo.kl_reward, rloo.advantage.baseline, rloo.advantage.scaling) == ("sequence", "leave_one_out", "none")
+    assert pp.kl_coef > 0 and rloo.kl_coef > 0 and pp.reference is not None and rloo.reference is not None
+
+
+@pytest.mark.parametrize("config", ["grpo", "gspo", "cispo", "reinforce"])
+def test_the_mismatch_correction_is_one_flag_away(instantiate, config):
+    """``--model.init_args.mismatch.mode tis`` on a shipped config: the module corrects, and
+    recomputes pi_old's log-probs even where it would read them off its own pass."""
+    plain = instantiate("--config", str(ROOT / f"configs/{config}.yaml")).model
+    cli = instantiate(
+        "--config", str(ROOT / f"configs/{config}.yaml"), "--model.init_args.mismatch.mode", "tis", "--model.init_args.mismatch.cap", "3.0",
+    )
+    assert (cli.model.mismatch.mode, cli.model.mismatch.cap) == ("tis", 3.0) and cli.model.needs_old_logprobs
+    assert plain.mismatch.mode == "none"
+    with pytest.raises(SystemExit):
+        instantiate("--config", str(ROOT / f"configs/{config}.yaml"), "--model.init_args.mismatch.mode", "truncate")

@@ -20,6 +20,10 @@ tied groups, run the same rounds, and train, as one process does, on every infor
 the global rollouts; the round statistics are global sums. Under FSDP2 too, where every round's
 generation gathers the parameters on every rank.
 
+REINFORCE++ whitens per-token advantages over every rank's tokens; GRPO with the sampler/trainer
+mismatch correction (``grpo_tis``, the sampler's log-probs perturbed the same way in every setup)
+truncates per-token weights and logs the mismatch's global sums and maxima.
+
 REINFORCE, rejection sampling, GRAPE and TRPO run the same comparison with the ranks holding different
 numbers of rows in the loss (13 and 12 valid rewards with micro-batches of 4; different numbers
 of kept responses; GRAPE's off-policy responses for some prompts only), where the update loop
@@ -60,8 +64,8 @@ def _spec(algorithm: str):
 
 def _setup(algorithm: str, devices: int):
     from grape_lightning.algorithms import (
-        AdvantageConfig, CISPOModule, DPOModule, DynamicSamplingConfig, GRAPEModule, GRPOModule, GSPOModule, OffPolicyConfig, OptimizerConfig, REINFORCEModule,
-        RejectionSamplingModule, SFTModule, SurrogateConfig, UpdateConfig,
+        AdvantageConfig, CISPOModule, DPOModule, DynamicSamplingConfig, GRAPEModule, GRPOModule, GSPOModule, MismatchCorrection,
+        OffPolicyConfig, OptimizerConfig, REINFORCEModule, RejectionSamplingModule, SFTModule, SurrogateConfig, UpdateConfig,
     )
     from grape_lightning.algorithms.on_policy import derive_seed
     from grape_lightning.data import PreferenceDataModule, SFTDataModule
@@ -92,7 +96,7 @@ def _setup(algorithm: str, devices: int):
     from grape_lightning.algorithms.trpo import TRPOModule
 
     base = {
-        "ppo": PPOModule, "reinforce": REINFORCEModule, "rejection_sampling": RejectionSamplingModule, "grape": GRAPEModule,
+        "ppo": PPOModule, "reinforce": REINFORCEModule, "reinforce_pp": REINFORCEModule, "rejection_sampling": RejectionSamplingModule, "grape": GRAPEModule,
         "trpo": TRPOModule, "gspo": GSPOModule, "cispo": CISPOModule,
     }
 
@@ -127,6 +131,9 @@ def _setup(algorithm: str, devices: int):
                 self.kept_per_step.append(int(informative_groups(rollout.rewards, rollout.groups, rollout.valid).sum()))
                 return rollout
             rollout = super().collect_rollout(collate_prompts(self.global_items, GROUP_SIZE))
+            if algorithm == "grpo_tis":  # a sampler that differs from the trainer (on CPU in float64 they agree)
+                shift = 0.8 * torch.sin(3.0 * rollout.old_logprobs + torch.arange(rollout.old_logprobs.shape[1]))
+                rollout.sampling_logprobs = torch.where(rollout.response_mask, rollout.old_logprobs - shift, 0.0)
             world, rank = self.trainer.world_size, self.global_rank
             rows = (rollout.groups % world == rank).nonzero().flatten()
             return rollout.select(rows, groups=rollout.groups[rows] // world)
@@ -139,6 +146,15 @@ def _setup(algorithm: str, devices: int):
         )
     elif algorithm == "reinforce":  # a global batch mean, a KL folded into the reward
         module = SameGlobalRollout(spec, rewards=rewards, advantage=AdvantageConfig("batch_mean", "batch"), kl_coef=0.1, **common)
+    elif algorithm == "reinforce_pp":  # per-token KL reward-to-go, advantages whitened over every rank's tokens
+        module = SameGlobalRollout(
+            spec, rewards=rewards, advantage=AdvantageConfig("mean", "whiten"), kl_coef=0.1, kl_reward="token", **common,
+        )
+    elif algorithm == "grpo_tis":  # truncated importance weights, the mismatch's global sums and maxima
+        module = SameGlobalRollout(
+            spec, rewards=rewards, advantage=AdvantageConfig("mean", "batch"), loss=SurrogateConfig(beta=0.1, aggregation="token"),
+            mismatch=MismatchCorrection("tis", cap=1.5), **common,
+        )
     elif algorithm == "trpo":  # token means over every rank's tokens: uneven token counts across ranks
         module = SameGlobalRollout(spec, rewards=rewards, sampling=common["sampling"], trust_region={"max_kl": 0.05}, update=UpdateConfig(micro_batch_size=4))
     elif algorithm in ("gspo", "cispo"):  # two passes over each rollout: the second's ratios (and clips) differ from 1
@@ -273,7 +289,7 @@ def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list
     "algorithm, strategy",
     [
         ("grpo", "ddp"), ("grape", "ddp"), ("reinforce", "ddp"), ("rejection_sampling", "ddp"), ("ppo", "ddp"), ("trpo", "ddp"),
-        ("dpo", "ddp"), ("gspo", "ddp"), ("cispo", "ddp"), ("dapo", "ddp"),
+        ("dpo", "ddp"), ("gspo", "ddp"), ("cispo", "ddp"), ("dapo", "ddp"), ("reinforce_pp", "ddp"), ("grpo_tis", "ddp"),
         ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"), ("dapo", "fsdp2"),
     ],
 )
@@ -299,6 +315,9 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
         "grpo_tied": ("train/kl", "train/policy_loss"),
         "grape": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "reinforce": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
+        "reinforce_pp": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
+        "grpo_tis": ("train/kl", "train/policy_loss", "train/mismatch_kl", "train/mismatch_ratio_max", "train/mismatch_abs_max",
+                     "train/mismatch_corrected"),
         "gspo": ("train/policy_loss", "train/tied_groups", "train/advantage_abs_mean", "train/entropy", "train/clip_fraction_high", "train/ratio_mean"),
         "dapo": ("train/kl", "train/policy_loss", "train/entropy", "train/clip_fraction_high") + tuple(
             f"train/dynamic_sampling/{name}" for name in ("rounds", "prompts_generated", "kept_groups", "filled_groups", "sampled_reward")),

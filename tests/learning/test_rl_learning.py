@@ -25,6 +25,10 @@ ALGORITHMS = {
     "gspo": (GSPOModule, {"update": UpdateConfig(mini_batch_size=64)}),
     "cispo": (CISPOModule, {"update": UpdateConfig(mini_batch_size=64)}),
     "reinforce": (REINFORCEModule, {"advantage": AdvantageConfig("leave_one_out", "none")}),
+    # configs/rloo.yaml and configs/reinforce_pp.yaml: the KL to the reference per sequence, or per
+    # token as a reward-to-go with the advantages whitened over the global batch's tokens
+    "rloo": (REINFORCEModule, {"advantage": AdvantageConfig("leave_one_out", "none"), "kl_coef": 0.01}),
+    "reinforce_pp": (REINFORCEModule, {"advantage": AdvantageConfig("none", "whiten"), "kl_coef": 0.01, "kl_reward": "token"}),
     "rejection_sampling": (RejectionSamplingModule, {"keep_top_k": 1, "reward_threshold": 1.0}),
     # configs/dapo.yaml: clip-higher, token aggregation, no KL, dynamic sampling (4 fresh prompts
     # per extra round), the soft overlong punishment beside the task's reward
