@@ -1,14 +1,17 @@
-"""One on-policy step of 64 prompts x 8 samples x 256 new tokens (GRPO, GRAPE and PPO): step time
+"""One on-policy step of 64 prompts x 8 samples x 256 new tokens (GRPO, GRAPE, PPO and on-policy
+distillation): step time
 split into generation, scoring, log-probs and update, and peak memory; with ``--peer trl`` TRL's
 GRPOTrainer (its default generation) on the same model, prompts, reward and settings, in the same
 call.
 
-    python scripts/bench_grpo.py --shape qwen2.5-0.5b --algorithms grpo grape ppo --peer trl
+    python scripts/bench_grpo.py --shape qwen2.5-0.5b --algorithms grpo grape ppo distill --peer trl
 
 GRAPE scores each response with a two-item rubric: the text reward as a verifiable item and a
 judged item from a rule-based critic (score and confidence from the text), so the step includes
 the rubric's confidence-weighted aggregation but no judging model. PPO trains a value head on the
 policy's trunk (one pass, GAE with gamma = lambda = 1), with its KL penalty off like the others.
+Distillation (``distill``) takes a teacher of the policy's shape (the same saved weights, so its
+gradients are zero but its work is the same): the teacher's log-prob pass counts in ``logprobs_s``.
 
 Settings on both sides: bf16 weights, prompts of 128 tokens, temperature 1, at most 256 new
 tokens, group size 8, no KL term (TRL's default beta = 0), one optimizer step per rollout batch
@@ -43,7 +46,9 @@ from bench_common import (
     write_report,
 )
 
-from grape_lightning.algorithms import GRAPEModule, GRPOModule, OptimizerConfig, PPOModule, SurrogateConfig, UpdateConfig
+from grape_lightning.algorithms import (
+    GRAPEModule, GRPOModule, OnPolicyDistillationModule, OptimizerConfig, PPOModule, SurrogateConfig, UpdateConfig,
+)
 from grape_lightning.rewards import RewardFunction
 from grape_lightning.rewards.critics import CallableCritic
 from grape_lightning.rollout import RolloutDataModule, SamplingParams
@@ -94,6 +99,9 @@ def build_module(algorithm: str, spec, workdir: Path, args):
         rubric.write_text(RUBRIC)
         return GRAPEModule(spec, rubric=str(rubric), critics={"short_words": CallableCritic("bench_grpo:short_words_critic")},
                            sampling=sampling, optimizer=optimizer, loss=SurrogateConfig(beta=0.0), update=update)
+    if algorithm == "distill":
+        return OnPolicyDistillationModule(spec, teacher=spec, rewards=[EvenWords()], sampling=sampling, optimizer=optimizer,
+                                          update=update)
     return PPOModule(spec, rewards=[EvenWords()], sampling=sampling, optimizer=optimizer, kl_coef=0.0,
                      update=UpdateConfig(epochs=1, micro_batch_size=args.micro_batch))
 
@@ -191,7 +199,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--algorithms", nargs="+", choices=["grpo", "grape", "ppo"], default=["grpo"])
+    parser.add_argument("--algorithms", nargs="+", choices=["grpo", "grape", "ppo", "distill"], default=["grpo"])
     parser.add_argument("--peer", choices=["none", "trl"], default="none")
     parser.add_argument("--profile", action="store_true", help="profile our third step and print the top operators")
     parser.add_argument("--out", default=None, help="folder for profile tables")

@@ -2,6 +2,7 @@
 
 from grape_lightning.algorithms.base import PolicyModule
 from grape_lightning.algorithms.cispo import CISPOModule
+from grape_lightning.algorithms.distillation import OnPolicyDistillationModule
 from grape_lightning.algorithms.dpo import DPOModule
 from grape_lightning.algorithms.grape import GRAPEModule
 from grape_lightning.algorithms.grpo import GRPOModule
@@ -20,6 +21,6 @@ from grape_lightning.advantages import AdvantageConfig
 from grape_lightning.rollout.off_policy import OffPolicyConfig
 
 __all__ = [
-    "AdvantageConfig", "SurrogateConfig", "UpdateConfig", "CISPOModule", "DPOModule", "GRAPEModule", "GRPOModule", "GSPOModule", "OffPolicyConfig", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "PPOModule", "REINFORCEModule",
+    "AdvantageConfig", "SurrogateConfig", "UpdateConfig", "CISPOModule", "DPOModule", "GRAPEModule", "GRPOModule", "GSPOModule", "OffPolicyConfig", "OnPolicyDistillationModule", "OnPolicyModule", "OptimizerConfig", "PolicyModule", "PPOModule", "REINFORCEModule",
     "RejectionSamplingModule", "RewardModelModule", "SFTModule", "TRPOModule",
 ]

@@ -79,6 +79,7 @@ RL_TAGS = {
     "gspo": {"train/clip_fraction_low", "train/clip_fraction_high", "train/ratio_mean", "train/tied_groups", "train/entropy"},
     "cispo": {"train/clip_fraction_low", "train/clip_fraction_high", "train/ratio_mean", "train/tied_groups", "train/entropy"},
     "reinforce": {"train/advantage_abs_mean", "train/entropy"},
+    "distill": {"train/reverse_kl", "train/policy_loss", "train/entropy"},
     "rejection_sampling": {"train/kept_fraction", "train/nll"},
     "trpo": {"train/kl_after_step", "train/surrogate_improvement", "train/expected_improvement", "train/cg_residual",
              "train/cg_iterations", "train/line_search_tries", "train/accepted"},
@@ -196,6 +197,8 @@ def test_every_config_trains_a_local_model_named_by_one_flag_and_exports_it(conf
         (tmp_path / "rubrics").mkdir()
         shutil.copy(ROOT / "configs/rubrics/arithmetic.yaml", tmp_path / "rubrics" / "arithmetic.yaml")
         override["model"] = {"init_args": {"rubric": "rubrics/arithmetic.yaml"}}
+    if config == "distill":  # the teacher scores the student's token ids: it follows the student to the same tokenizer
+        override["model"] = {"init_args": {"teacher": {"name_or_path": str(local_model)}}}
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
     spec = "model" if config == "reward_model" else "policy"
     cli, output = grape_here("fit", "--config", str(ROOT / f"configs/{config}.yaml"), "--config", "override.yaml",

@@ -13,9 +13,10 @@ responses of unequal lengths, unscorable rewards on some rows, reward scaling by
 PPO (under DDP) adds global statistics of its own: reward scaling by the batch std, advantage
 whitening, the adaptive KL coefficient, and a value model whose state is compared too.
 
-REINFORCE, rejection sampling, GRAPE and TRPO run the same comparison with the ranks holding different
+REINFORCE, rejection sampling, GRAPE, TRPO and on-policy distillation run the same comparison with the ranks holding different
 numbers of rows in the loss (13 and 12 valid rewards with micro-batches of 4; different numbers
-of kept responses; GRAPE's off-policy responses for some prompts only), where the update loop
+of kept responses; GRAPE's off-policy responses for some prompts only; distillation mixing in the
+task reward, so only responses with a valid reward train, with a discounted KL return-to-go), where the update loop
 pads the shorter rank with zero-weighted passes so the backward all-reduces pair up.
 
 Run by the tests as ``python -m tests.distributed.test_ddp_equivalence <algorithm> <devices> <out_dir> <ddp|fsdp2>``.
@@ -52,8 +53,8 @@ def _spec(algorithm: str):
 
 def _setup(algorithm: str, devices: int):
     from grape_lightning.algorithms import (
-        AdvantageConfig, CISPOModule, DPOModule, GRAPEModule, GRPOModule, GSPOModule, OffPolicyConfig, OptimizerConfig, REINFORCEModule,
-        RejectionSamplingModule, SFTModule, SurrogateConfig, UpdateConfig,
+        AdvantageConfig, CISPOModule, DPOModule, GRAPEModule, GRPOModule, GSPOModule, OffPolicyConfig, OnPolicyDistillationModule,
+        OptimizerConfig, REINFORCEModule, RejectionSamplingModule, SFTModule, SurrogateConfig, UpdateConfig,
     )
     from grape_lightning.algorithms.on_policy import derive_seed
     from grape_lightning.data import PreferenceDataModule, SFTDataModule
@@ -84,7 +85,7 @@ def _setup(algorithm: str, devices: int):
 
     base = {
         "ppo": PPOModule, "reinforce": REINFORCEModule, "rejection_sampling": RejectionSamplingModule, "grape": GRAPEModule,
-        "trpo": TRPOModule, "gspo": GSPOModule, "cispo": CISPOModule,
+        "trpo": TRPOModule, "gspo": GSPOModule, "cispo": CISPOModule, "distill": OnPolicyDistillationModule,
     }
 
     class SameGlobalRollout(base.get(algorithm, GRPOModule)):
@@ -121,6 +122,13 @@ def _setup(algorithm: str, devices: int):
         module = SameGlobalRollout(
             spec, rewards=rewards, advantage=AdvantageConfig("mean", "batch"), sampling=common["sampling"], optimizer=optimizer,
             update=update, **clip,
+        )
+    elif algorithm == "distill":  # another random tiny model as the teacher; the task reward mixed in (valid rows only)
+        from tests.conftest import tiny_spec
+
+        module = SameGlobalRollout(
+            spec, teacher=tiny_spec(dtype="float64", init_seed=1), rewards=rewards, discount=0.5, reward_coef=0.5,
+            advantage=AdvantageConfig("mean", "batch"), **common,
         )
     elif algorithm == "rejection_sampling":
         module = SameGlobalRollout(spec, rewards=rewards, keep_top_k=2, reward_threshold=1.0, **common)
@@ -232,7 +240,7 @@ def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list
     "algorithm, strategy",
     [
         ("grpo", "ddp"), ("grape", "ddp"), ("reinforce", "ddp"), ("rejection_sampling", "ddp"), ("ppo", "ddp"), ("trpo", "ddp"),
-        ("dpo", "ddp"), ("gspo", "ddp"), ("cispo", "ddp"),
+        ("dpo", "ddp"), ("gspo", "ddp"), ("cispo", "ddp"), ("distill", "ddp"),
         ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"),
     ],
 )
@@ -258,6 +266,7 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
         "grpo_tied": ("train/kl", "train/policy_loss"),
         "grape": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "reinforce": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
+        "distill": ("train/reverse_kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "gspo": ("train/policy_loss", "train/tied_groups", "train/advantage_abs_mean", "train/entropy", "train/clip_fraction_high", "train/ratio_mean"),
         "cispo": ("train/policy_loss", "train/tied_groups", "train/advantage_abs_mean", "train/entropy", "train/clip_fraction_high", "train/ratio_mean"),
         "rejection_sampling": ("train/nll", "train/kept_fraction", "train/kept_reward"),
