@@ -14,7 +14,7 @@ from grape_lightning.models import ModelSpec
 from grape_lightning.rewards import NumericMatch
 from grape_lightning.rollout import RolloutDataModule, SamplingParams
 
-STEPS = 40
+STEPS = 50
 TEACHER_ACCURACY = 0.48  # grape/tiny-addition-sft, as tests/learning/test_rl_learning.py measures it
 
 

@@ -81,8 +81,8 @@ def test_teacher_scores_the_sampled_tokens_and_the_logged_kl_is_the_token_mean(d
     # the logged reverse KL: the token mean of l - l^T, l under the weights that took the update
     mask = rollout.response_mask[:, 1:] & (rollout.valid[:, None] if reward_coef else True)
     kl = (sampled_token_logprobs(student, rollout, TEMPERATURE) - teacher)[mask]
-    assert abs(float(trainer.callback_metrics["train/reverse_kl"]) - float(kl.mean())) < 1e-10
-    assert float(kl.mean()) > 0.05  # a random student and a random teacher disagree
+    assert float(trainer.callback_metrics["train/reverse_kl"]) == pytest.approx(float(kl.mean()), rel=1e-6)  # logged as float32
+    assert float(kl.mean()) > 0.01  # two random models disagree: the check above is not 0 = 0
     assert ("train/advantage_abs_mean" in trainer.callback_metrics) == bool(reward_coef)
 
 
