@@ -26,14 +26,21 @@ TEMPERATURE = 0.7
 TEACHER = tiny_spec(dtype="float64", init_seed=1, config={**TINY_CONFIG, "hidden_size": 48, "num_hidden_layers": 3, "model_type": "llama"})
 
 
-class Recording(OnPolicyDistillationModule):
-    """Keeps each training rollout and the student's weights that took its update."""
+class RecordingRollouts(OnPolicyDistillationModule):
+    """Keeps each training rollout."""
 
     def setup(self, stage: str) -> None:
         self.rollouts, self.students = [], []
 
     def update(self, rollout):
         self.rollouts.append(rollout)
+        super().update(rollout)
+
+
+class Recording(RecordingRollouts):
+    """Keeps each training rollout and the student's weights that took its update."""
+
+    def update(self, rollout):
         self.students.append(copy.deepcopy(self.policy).eval())
         super().update(rollout)
 
@@ -159,3 +166,21 @@ def test_without_rewards_every_response_trains(tmp_path):
     trainer = _trainer(tmp_path, 1)
     trainer.fit(module, _datamodule())
     assert trainer.global_step == 1 and float(trainer.callback_metrics["train/reverse_kl"]) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_teacher_moves_compiles_and_scores_as_a_plain_forward(tmp_path):
+    """The teacher on the student's CUDA device, its decoder layers compiled with the student's
+    (ModelSpec.compile unset: on for a single CUDA device), its log-probs those of a plain forward."""
+    teacher = tiny_spec(init_seed=1, config={**TINY_CONFIG, "hidden_size": 48, "num_hidden_layers": 3, "model_type": "llama"})
+    module = _module(RecordingRollouts, policy=tiny_spec(), teacher=teacher)
+    trainer = _trainer(tmp_path, 2, accelerator="gpu", devices=1)
+    trainer.fit(module, _datamodule())
+    assert trainer.global_step == 2
+    assert {p.device.type for p in module.teacher.parameters()} == {"cuda"}
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    rollout = module.rollouts[-1]
+    expected = sampled_token_logprobs(module.teacher, rollout, TEMPERATURE)
+    torch.testing.assert_close(rollout.teacher_logprobs[:, 1:].double(), expected, rtol=0, atol=1e-4)
+    assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/reverse_kl"])))
