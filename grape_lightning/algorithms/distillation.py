@@ -99,7 +99,9 @@ class OnPolicyDistillationModule(OnPolicyModule):
         scorer = RewardScorer(list(rewards), accuracy) if rewards else _unrewarded
         super().__init__(policy, scorer, sampling, optimizer, update, reference=False, seed=seed)
         if self.update_config.epochs != 1:
-            raise ValueError("on-policy distillation takes one pass over each rollout (update.epochs: 1): its loss has no ratio for a second")
+            raise ValueError(
+                "on-policy distillation takes one pass over each rollout (update.epochs: 1): its loss has no ratio for a second"
+            )
         self.teacher_spec: ModelSpec = as_dataclass(teacher, ModelSpec)
         self.teacher: PreTrainedModel | None = None  # loaded by configure_model
         self.keep_out_of_checkpoints("teacher")

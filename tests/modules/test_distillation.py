@@ -23,7 +23,8 @@ from tests.conftest import TINY_CONFIG, tiny_spec
 
 TEMPERATURE = 0.7
 # Another architecture and size than the student's: only the tokenizer is shared.
-TEACHER = tiny_spec(dtype="float64", init_seed=1, config={**TINY_CONFIG, "hidden_size": 48, "num_hidden_layers": 3, "model_type": "llama"})
+TEACHER_CONFIG = {**TINY_CONFIG, "hidden_size": 48, "num_hidden_layers": 3, "model_type": "llama"}
+TEACHER = tiny_spec(dtype="float64", init_seed=1, config=TEACHER_CONFIG)
 
 
 class RecordingRollouts(OnPolicyDistillationModule):
@@ -173,7 +174,7 @@ def test_without_rewards_every_response_trains(tmp_path):
 def test_on_a_gpu_the_teacher_moves_compiles_and_scores_as_a_plain_forward(tmp_path):
     """The teacher on the student's CUDA device, its decoder layers compiled with the student's
     (ModelSpec.compile unset: on for a single CUDA device), its log-probs those of a plain forward."""
-    teacher = tiny_spec(init_seed=1, config={**TINY_CONFIG, "hidden_size": 48, "num_hidden_layers": 3, "model_type": "llama"})
+    teacher = tiny_spec(init_seed=1, config=TEACHER_CONFIG)
     module = _module(RecordingRollouts, policy=tiny_spec(), teacher=teacher)
     trainer = _trainer(tmp_path, 2, accelerator="gpu", devices=1)
     trainer.fit(module, _datamodule())
