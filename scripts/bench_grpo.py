@@ -1,5 +1,5 @@
 """One on-policy step of 64 prompts x 8 samples x 256 new tokens (GRPO, DAPO, GRAPE, PPO, GSPO, CISPO,
-REINFORCE++, RLOO): step time
+REINFORCE++, RLOO, on-policy distillation): step time
 split into generation, scoring, log-probs and update, and peak memory; with ``--peer trl`` TRL's
 GRPOTrainer (its default generation) on the same model, prompts, reward and settings, in the same
 call.
@@ -19,6 +19,8 @@ policy's trunk (one pass, GAE with gamma = lambda = 1), with its KL penalty off 
 REINFORCE++ (per-token KL reward-to-go, advantages whitened over the batch's tokens) and RLOO
 (leave-one-out baseline, the sequence's KL in its reward) keep their KL to the reference, which
 defines them: their step includes the reference's and pi_old's log-prob passes.
+Distillation (``distill``) takes a teacher of the policy's shape (the same saved weights, so its
+gradients are zero but its work is the same): the teacher's log-prob pass counts in ``logprobs_s``.
 
 ``--mismatch tis`` (or ``token_mask``, ``sequence_mask``) turns the sampler/trainer mismatch
 correction on for GRPO, GRAPE, REINFORCE++ and RLOO: pi_old's log-probs are then recomputed by the
@@ -66,6 +68,7 @@ from grape_lightning.algorithms import (
     GRPOModule,
     GSPOModule,
     MismatchCorrection,
+    OnPolicyDistillationModule,
     OptimizerConfig,
     PPOModule,
     REINFORCEModule,
@@ -137,6 +140,7 @@ def build_module(algorithm: str, spec, workdir: Path, args):
             mismatch=mismatch, **common),
         "rloo": lambda: REINFORCEModule(  # configs/rloo.yaml
             spec, rewards=[EvenWords()], advantage=AdvantageConfig("leave_one_out", "none"), kl_coef=0.01, mismatch=mismatch, **common),
+        "distill": lambda: OnPolicyDistillationModule(spec, teacher=spec, rewards=[EvenWords()], **common),
     }
     return builders[algorithm]()
 
@@ -239,7 +243,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--algorithms", nargs="+", default=["grpo"],
-                        choices=["grpo", "dapo", "grape", "ppo", "gspo", "cispo", "reinforce_pp", "rloo"])
+                        choices=["grpo", "dapo", "grape", "ppo", "gspo", "cispo", "reinforce_pp", "rloo", "distill"])
     parser.add_argument("--mismatch", choices=["none", "tis", "token_mask", "sequence_mask"], default="none",
                         help="sampler/trainer mismatch correction (not PPO's)")
     parser.add_argument("--peer", choices=["none", "trl"], default="none")

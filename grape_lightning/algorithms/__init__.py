@@ -2,6 +2,7 @@
 
 from grape_lightning.algorithms.base import PolicyModule
 from grape_lightning.algorithms.cispo import CISPOModule
+from grape_lightning.algorithms.distillation import OnPolicyDistillationModule
 from grape_lightning.algorithms.dpo import DPOModule
 from grape_lightning.algorithms.grape import GRAPEModule
 from grape_lightning.algorithms.grpo import GRPOModule
@@ -23,7 +24,7 @@ from grape_lightning.rollout.off_policy import OffPolicyConfig
 
 __all__ = [
     "AdvantageConfig", "DynamicSamplingConfig", "SurrogateConfig", "UpdateConfig", "CISPOModule", "DPOModule", "GRAPEModule",
-    "GRPOModule", "GSPOModule", "MismatchCorrection", "OffPolicyConfig", "OnPolicyModule", "OptimizerConfig", "PolicyModule",
-    "PPOModule", "REINFORCEModule",
+    "GRPOModule", "GSPOModule", "MismatchCorrection", "OffPolicyConfig", "OnPolicyDistillationModule", "OnPolicyModule",
+    "OptimizerConfig", "PolicyModule", "PPOModule", "REINFORCEModule",
     "RejectionSamplingModule", "RewardModelModule", "SFTModule", "TRPOModule",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer, fused_optimizer_allowed
 from grape_lightning.models.compile import compile_decoder_layers, compile_wanted
@@ -112,8 +112,8 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``: shard the
-        policy, the reference and the value model with FSDP2 (:mod:`grape_lightning.models.sharding`).
-        Other strategies leave the models as they are."""
+        policy, the frozen models (the reference, a teacher) and the value model with FSDP2
+        (:mod:`grape_lightning.models.sharding`). Other strategies leave the models as they are."""
         mesh = self._device_mesh
         if mesh is None or getattr(self, "_sharded", False):
             return
@@ -121,23 +121,22 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
             raise ValueError("grape_lightning has no tensor-parallel plans: use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)")
         data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
         shard_causal_lm(self.policy, data_parallel)
-        if isinstance(self.reference, nn.Module):
-            shard_causal_lm(self.reference, data_parallel)
+        for model in self.frozen_models():
+            shard_causal_lm(model, data_parallel)
         if self.value_model is not None:
             shard_value_model(self.value_model, data_parallel, trunk_sharded=self.value_model.trunk is self.policy.base_model)
         self._sharded = True
 
     def on_fit_start(self) -> None:
-        """Compile the decoder layers of the policy and the reference (``ModelSpec.compile``)."""
+        """Compile the decoder layers of the policy and the frozen models (``ModelSpec.compile``)."""
         if self.differentiates_twice:
             if self.policy_spec.compile:
                 raise ValueError(f"{type(self).__name__} takes second derivatives through the policy, which compiled "
                                  "layers do not support: leave policy.compile unset or false")
             return
         if compile_wanted(self.policy_spec, self.device, self.trainer.strategy):
-            for model in (self.policy, self.reference):
-                if isinstance(model, nn.Module):
-                    compile_decoder_layers(model)
+            for model in (self.policy, *self.frozen_models()):
+                compile_decoder_layers(model)
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps the schedule spans (the Trainer's estimate unless a subclass knows better)."""

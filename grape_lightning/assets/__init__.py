@@ -8,6 +8,10 @@
   for the same task and tokenizer, trained on the right sum against the warm model's own wrong
   answers; the reward of ``configs/ppo_reward_model.yaml``. Rebuilt by
   ``scripts/make_tiny_reward_model.py``.
+- ``grape/tiny-addition-student``: ``grape/tiny-addition-sft`` with seeded noise on its weights
+  (about a sixth of the validation prompts right): the student of ``configs/distill.yaml`` and of
+  the distillation learning test, with ``grape/tiny-addition-sft`` as its teacher. Rebuilt by
+  ``scripts/make_tiny_student_model.py``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from grape_lightning.losses.aggregation import aggregate
 from grape_lightning.losses.bradley_terry import bradley_terry_loss
 from grape_lightning.losses.cispo import cispo_loss
 from grape_lightning.losses.clipped_surrogate import clipped_surrogate
+from grape_lightning.losses.distillation import distillation_loss
 from grape_lightning.losses.dpo import dpo_loss
 from grape_lightning.losses.gspo import gspo_loss
 from grape_lightning.losses.grpo import grpo_loss
@@ -13,6 +14,7 @@ from grape_lightning.losses.reinforce import reinforce_loss
 from grape_lightning.losses.sft import sft_loss, sft_token_weights
 
 __all__ = [
-    "aggregate", "bradley_terry_loss", "cispo_loss", "clipped_surrogate", "dpo_loss", "grpo_loss", "gspo_loss", "kl_penalty",
-    "MismatchCorrection", "correction_weights", "mismatch_statistics", "reinforce_loss", "sft_loss", "sft_token_weights",
+    "aggregate", "bradley_terry_loss", "cispo_loss", "clipped_surrogate", "distillation_loss", "dpo_loss", "grpo_loss",
+    "gspo_loss", "kl_penalty", "MismatchCorrection", "correction_weights", "mismatch_statistics", "reinforce_loss", "sft_loss",
+    "sft_token_weights",
 ]

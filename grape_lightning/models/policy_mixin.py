@@ -21,9 +21,6 @@ from grape_lightning.models.spec import ModelSpec
 from grape_lightning.models.tokenizer_check import save_tokenizer
 from grape_lightning.models.value import ValueModel
 
-REFERENCE_PREFIX = "reference."
-
-
 class PolicyModelsMixin:
     """Mix into a ``LightningModule`` and call :meth:`build_models` from ``__init__``.
 
@@ -69,29 +66,43 @@ class PolicyModelsMixin:
             self.reference = copy.deepcopy(self.policy)
             self.reference.requires_grad_(False)
             self.reference.eval()
-            self._register_reference_state_hooks()
+            self.keep_out_of_checkpoints("reference")
 
         self.value_model = None  # an actor-critic algorithm sets it (see the class docstring)
 
-    # -- the reference stays out of checkpoints -------------------------------------------------
-    def _register_reference_state_hooks(self) -> None:
-        def drop_reference(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-            for key in [k for k in state_dict if k.startswith(prefix + REFERENCE_PREFIX)]:
+    # -- frozen models: eval mode, out of checkpoints ---------------------------------------------
+    def frozen_models(self) -> list[nn.Module]:
+        """The frozen models held besides the policy: the reference copy, if any (an algorithm with
+        another, a distillation teacher, adds it). They stay in eval mode, never enter checkpoints,
+        and are sharded and compiled as the policy is."""
+        reference = getattr(self, "reference", None)
+        return [reference] if isinstance(reference, nn.Module) else []
+
+    def keep_out_of_checkpoints(self, name: str) -> None:
+        """The submodule ``name`` (a frozen model rebuilt from its spec with the module) never enters
+        ``state_dict``; loading one keeps strict key checking for everything else by filling its
+        keys from the weights in memory (none while it is not built yet)."""
+
+        def prefix_of(prefix: str) -> str:
+            return f"{prefix}{name}."
+
+        def drop(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+            for key in [k for k in state_dict if k.startswith(prefix_of(prefix))]:
                 del state_dict[key]
 
-        def fill_reference(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-            # Loading keeps strict key checking for everything else: the reference keys are filled
-            # from the (initial) reference already in memory.
-            for name, tensor in self.reference.state_dict().items():  # type: ignore[union-attr]
-                state_dict.setdefault(prefix + REFERENCE_PREFIX + name, tensor)
+        def fill(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+            model = getattr(self, name, None)
+            if isinstance(model, nn.Module):
+                for key, tensor in model.state_dict().items():
+                    state_dict.setdefault(prefix_of(prefix) + key, tensor)
 
-        self._register_state_dict_hook(drop_reference)  # type: ignore[attr-defined]
-        self._register_load_state_dict_pre_hook(fill_reference)  # type: ignore[attr-defined]
+        self._register_state_dict_hook(drop)  # type: ignore[attr-defined]
+        self._register_load_state_dict_pre_hook(fill)  # type: ignore[attr-defined]
 
     def train(self, mode: bool = True):  # type: ignore[override]
         super().train(mode)  # type: ignore[misc]
-        if isinstance(getattr(self, "reference", None), nn.Module):
-            self.reference.eval()  # the reference is always in eval mode (no dropout)
+        for model in self.frozen_models():
+            model.eval()  # frozen models are always in eval mode (no dropout)
         return self
 
     # -- generation -----------------------------------------------------------------------------

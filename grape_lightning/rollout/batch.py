@@ -15,10 +15,11 @@ class Rollout:
     """N sampled responses (``N = prompts x group size``) in the engine's layout.
 
     ``old_logprobs`` are pi_old's log-probs (the weights that sampled, recomputed by the training
-    forward so that the first ratio is exactly 1); ``ref_logprobs`` the reference's, when there is
-    one. ``sampling_logprobs`` are the sampler's: NaN on the response tokens of ``off_policy`` rows,
-    which no sampler of this run produced (and so are ``old_logprobs`` there until pi_old's are
-    computed). ``rewards`` is NaN where ``valid`` is False (a reward could not be computed).
+    forward so that the first ratio is exactly 1); ``ref_logprobs`` the reference's and
+    ``teacher_logprobs`` a distillation teacher's, when there is one. ``sampling_logprobs`` are the
+    sampler's: NaN on the response tokens of ``off_policy`` rows, which no sampler of this run
+    produced (and so are ``old_logprobs`` there until pi_old's are computed). ``rewards`` is NaN
+    where ``valid`` is False (a reward could not be computed).
     """
 
     input_ids: Tensor
@@ -34,6 +35,7 @@ class Rollout:
     reward_terms: dict[str, Tensor] = field(default_factory=dict)  # raw value of each reward term, NaN where missing
     correct: Tensor | None = None  # [N] bool: the scorer's accuracy check passed (None: it has none)
     ref_logprobs: Tensor | None = None
+    teacher_logprobs: Tensor | None = None  # a distillation teacher's log-probs of the sampled tokens
     sampling_logprobs: Tensor | None = None
     off_policy: Tensor | None = None  # [N] bool: responses not sampled from pi_old (GRAPE)
     details: list[dict[str, Any]] = field(default_factory=list)  # per-response extras for sample tables

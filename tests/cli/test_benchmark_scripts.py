@@ -31,9 +31,11 @@ def test_training_benchmark_variable_lengths(tmp_path):
 def test_on_policy_benchmark_reports_each_algorithm(tmp_path):
     _run(tmp_path, "bench_grpo.py", "--shape", "tiny", "--prompts", "2", "--group", "2", "--prompt", "8", "--new", "4",
          "--micro-batch", "2", "--steps", "1", "--warmup", "1", "--algorithms", "grpo", "dapo", "grape", "ppo", "gspo",
-         "cispo")
+         "cispo", "distill")
     rows = json.loads((tmp_path / "grpo_step.json").read_text())["rows"]
-    assert [row["impl"] for row in rows] == ["ours-grpo", "ours-dapo", "ours-grape", "ours-ppo", "ours-gspo", "ours-cispo"]
+    assert [row["impl"] for row in rows] == [
+        "ours-grpo", "ours-dapo", "ours-grape", "ours-ppo", "ours-gspo", "ours-cispo", "ours-distill",
+    ]
     for row in rows:
         assert row["step_s"] >= row["generation_s"] + row["update_s"] > 0
     dapo = rows[1]

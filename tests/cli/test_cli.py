@@ -84,6 +84,7 @@ RL_TAGS = {
     # KL to the reference: pi_old recomputed, so the sampler/trainer mismatch is logged too
     "reinforce_pp": {"train/advantage_abs_mean", "train/entropy", "train/kl", "train/mismatch_kl", "train/mismatch_ratio_max", "train/mismatch_abs_max"},
     "rloo": {"train/advantage_abs_mean", "train/entropy", "train/kl", "train/mismatch_kl", "train/mismatch_ratio_max", "train/mismatch_abs_max"},
+    "distill": {"train/reverse_kl", "train/policy_loss", "train/entropy"},
     "rejection_sampling": {"train/kept_fraction", "train/nll"},
     "trpo": {"train/kl_after_step", "train/surrogate_improvement", "train/expected_improvement", "train/cg_residual",
              "train/cg_iterations", "train/line_search_tries", "train/accepted"},
@@ -201,6 +202,8 @@ def test_every_config_trains_a_local_model_named_by_one_flag_and_exports_it(conf
         (tmp_path / "rubrics").mkdir()
         shutil.copy(ROOT / "configs/rubrics/arithmetic.yaml", tmp_path / "rubrics" / "arithmetic.yaml")
         override["model"] = {"init_args": {"rubric": "rubrics/arithmetic.yaml"}}
+    if config == "distill":  # the teacher scores the student's token ids: it follows the student to the same tokenizer
+        override["model"] = {"init_args": {"teacher": {"name_or_path": str(local_model)}}}
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
     spec = "model" if config == "reward_model" else "policy"
     cli, output = grape_here("fit", "--config", str(ROOT / f"configs/{config}.yaml"), "--config", "override.yaml",

@@ -178,3 +178,16 @@ def test_the_mismatch_correction_is_one_flag_away(instantiate, config):
     assert plain.mismatch.mode == "none"
     with pytest.raises(SystemExit):
         instantiate("--config", str(ROOT / f"configs/{config}.yaml"), "--model.init_args.mismatch.mode", "truncate")
+
+
+def test_the_distillation_config_links_the_data_to_the_student_and_keeps_the_teacher_a_spec(instantiate):
+    """The DataModule tokenizes for the student; the teacher is a second model spec (its source
+    replaced by one flag like the policy's) that the module loads only when fit starts."""
+    cli = instantiate("--config", str(ROOT / "configs/distill.yaml"))
+    assert cli.datamodule.tokenizer_name == "grape/tiny-addition-student"
+    assert cli.model.teacher_spec.name_or_path == "grape/tiny-addition-sft" and cli.model.teacher is None
+    assert cli.model.hparams["teacher"]["name_or_path"] == "grape/tiny-addition-sft"
+    switched = instantiate("--config", str(ROOT / "configs/distill.yaml"), "--model.init_args.teacher",
+                           '{"config": {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4}, '
+                           '"tokenizer": "grape/char"}')
+    assert switched.model.teacher_spec.name_or_path is None and switched.model.teacher_spec.config["hidden_size"] == 32

@@ -24,9 +24,10 @@ REINFORCE++ whitens per-token advantages over every rank's tokens; GRPO with the
 mismatch correction (``grpo_tis``, the sampler's log-probs perturbed the same way in every setup)
 truncates per-token weights and logs the mismatch's global sums and maxima.
 
-REINFORCE, rejection sampling, GRAPE and TRPO run the same comparison with the ranks holding different
+REINFORCE, rejection sampling, GRAPE, TRPO and on-policy distillation run the same comparison with the ranks holding different
 numbers of rows in the loss (13 and 12 valid rewards with micro-batches of 4; different numbers
-of kept responses; GRAPE's off-policy responses for some prompts only), where the update loop
+of kept responses; GRAPE's off-policy responses for some prompts only; distillation mixing in the
+task reward, so only responses with a valid reward train, with a discounted KL return-to-go), where the update loop
 pads the shorter rank with zero-weighted passes so the backward all-reduces pair up.
 
 Run by the tests as ``python -m tests.distributed.test_ddp_equivalence <algorithm> <devices> <out_dir> <ddp|fsdp2>``.
@@ -65,7 +66,8 @@ def _spec(algorithm: str):
 def _setup(algorithm: str, devices: int):
     from grape_lightning.algorithms import (
         AdvantageConfig, CISPOModule, DPOModule, DynamicSamplingConfig, GRAPEModule, GRPOModule, GSPOModule, MismatchCorrection,
-        OffPolicyConfig, OptimizerConfig, REINFORCEModule, RejectionSamplingModule, SFTModule, SurrogateConfig, UpdateConfig,
+        OffPolicyConfig, OnPolicyDistillationModule, OptimizerConfig, REINFORCEModule, RejectionSamplingModule, SFTModule,
+        SurrogateConfig, UpdateConfig,
     )
     from grape_lightning.algorithms.on_policy import derive_seed
     from grape_lightning.data import PreferenceDataModule, SFTDataModule
@@ -96,8 +98,8 @@ def _setup(algorithm: str, devices: int):
     from grape_lightning.algorithms.trpo import TRPOModule
 
     base = {
-        "ppo": PPOModule, "reinforce": REINFORCEModule, "reinforce_pp": REINFORCEModule, "rejection_sampling": RejectionSamplingModule, "grape": GRAPEModule,
-        "trpo": TRPOModule, "gspo": GSPOModule, "cispo": CISPOModule,
+        "ppo": PPOModule, "reinforce": REINFORCEModule, "reinforce_pp": REINFORCEModule, "rejection_sampling": RejectionSamplingModule,
+        "grape": GRAPEModule, "trpo": TRPOModule, "gspo": GSPOModule, "cispo": CISPOModule, "distill": OnPolicyDistillationModule,
     }
 
     class SameGlobalRollout(base.get(algorithm, GRPOModule)):
@@ -163,6 +165,13 @@ def _setup(algorithm: str, devices: int):
         module = SameGlobalRollout(
             spec, rewards=rewards, advantage=AdvantageConfig("mean", "batch"), sampling=common["sampling"], optimizer=optimizer,
             update=update, **clip,
+        )
+    elif algorithm == "distill":  # another random tiny model as the teacher; the task reward mixed in (valid rows only)
+        from tests.conftest import tiny_spec
+
+        module = SameGlobalRollout(
+            spec, teacher=tiny_spec(dtype="float64", init_seed=1), rewards=rewards, discount=0.5, reward_coef=0.5,
+            advantage=AdvantageConfig("mean", "batch"), **common,
         )
     elif algorithm == "rejection_sampling":
         module = SameGlobalRollout(spec, rewards=rewards, keep_top_k=2, reward_threshold=1.0, **common)
@@ -290,7 +299,7 @@ def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list
     [
         ("grpo", "ddp"), ("grape", "ddp"), ("reinforce", "ddp"), ("rejection_sampling", "ddp"), ("ppo", "ddp"), ("trpo", "ddp"),
         ("dpo", "ddp"), ("gspo", "ddp"), ("cispo", "ddp"), ("dapo", "ddp"), ("reinforce_pp", "ddp"), ("grpo_tis", "ddp"),
-        ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"), ("dapo", "fsdp2"),
+        ("distill", "ddp"), ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"), ("dapo", "fsdp2"),
     ],
 )
 def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorithm, strategy, tmp_path):
@@ -318,6 +327,7 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
         "reinforce_pp": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "grpo_tis": ("train/kl", "train/policy_loss", "train/mismatch_kl", "train/mismatch_ratio_max", "train/mismatch_abs_max",
                      "train/mismatch_corrected"),
+        "distill": ("train/reverse_kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "gspo": ("train/policy_loss", "train/tied_groups", "train/advantage_abs_mean", "train/entropy", "train/clip_fraction_high", "train/ratio_mean"),
         "dapo": ("train/kl", "train/policy_loss", "train/entropy", "train/clip_fraction_high") + tuple(
             f"train/dynamic_sampling/{name}" for name in ("rounds", "prompts_generated", "kept_groups", "filled_groups", "sampled_reward")),
