@@ -7,7 +7,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from grape_lightning.algorithms import AdvantageConfig, DynamicSamplingConfig, GRPOModule, OptimizerConfig, REINFORCEModule, SurrogateConfig, UpdateConfig
+from grape_lightning.algorithms import (
+    AdvantageConfig, DynamicSamplingConfig, GRPOModule, MismatchCorrection, OptimizerConfig, REINFORCEModule, SurrogateConfig, UpdateConfig,
+)
 from grape_lightning.algorithms.rejection_sampling import select_best
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.rewards import NumericMatch, RewardFunction
@@ -159,3 +161,22 @@ def test_strategies_the_manual_update_cannot_run_under_are_refused_with_the_way_
         with pytest.raises(ValueError, match="use ddp"):
             attached(trpo, sharded).check_strategy()
     attached(trpo, DDPStrategy).check_strategy()
+
+
+@pytest.mark.parametrize("mode", ["none", "tis"])
+def test_dynamic_sampling_logs_the_mismatch_only_where_pi_old_was_recomputed(tmp_path, mode):
+    """Extra rounds select and concatenate rollouts, which copies the sampler's log-probs apart from
+    pi_old's; without a correction, a one-step update still reads pi_old off its own pass and there
+    is no second set to compare (no train/mismatch_*); with one, pi_old is recomputed and compared."""
+    module = GRPOModule(
+        tiny_spec(), rewards=[LengthParityOnSomePrompts()], sampling=SamplingParams(max_new_tokens=4), loss=SurrogateConfig(beta=0.0),
+        dynamic_sampling=DynamicSamplingConfig(max_rounds=2, prompts_per_round=2), mismatch=MismatchCorrection(mode),
+    )
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(module, _datamodule())
+    assert module.dynamic_sampling_statistics["rounds"] >= 2
+    logged = {name for name in trainer.callback_metrics if name.startswith("train/mismatch_")}
+    if mode == "none":
+        assert not module.needs_old_logprobs and logged == set()
+    else:
+        assert logged == {"train/mismatch_kl", "train/mismatch_ratio_max", "train/mismatch_abs_max", "train/mismatch_corrected"}
