@@ -98,8 +98,11 @@ class OnPolicyModule(PolicyModule):
         self.dynamic_sampling: DynamicSamplingConfig | None = as_dataclass(dynamic_sampling, DynamicSamplingConfig)
         if self.dynamic_sampling is not None and not self.dynamic_sampling.enabled:
             self.dynamic_sampling = None
+        # (the correction is saved only by the algorithms that take it as an argument: a checkpoint's
+        # hyper-parameters must rebuild the module that wrote it)
+        given = {"mismatch": self.mismatch} if mismatch is not None else {}
         self.save_plain_hyperparameters(
-            policy=policy, sampling=self.sampling, optimizer=self.optimizer_config, update=self.update_config, mismatch=self.mismatch
+            policy=policy, sampling=self.sampling, optimizer=self.optimizer_config, update=self.update_config, **given
         )
         self.build_models(policy, reference=reference, gradient_checkpointing=self.update_config.gradient_checkpointing)
         self.collector = RolloutCollector(
