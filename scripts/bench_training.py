@@ -247,6 +247,7 @@ def main() -> None:
                 "kind": kind, "impl": name, "step_s": step, "mean_step_s": mean_step, "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * flops_per_token / peak_flops(), "peak_gib": result["peak_gib"],
                 "steps_timed": len(result["seconds"]), "ran": result.get("ran", name),
+                "step_seconds": [round(seconds, 4) for seconds in result["seconds"]],  # a recompilation shows as an outlier
             })
             print(rows[-1], flush=True)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None

@@ -169,19 +169,34 @@ def test_without_rewards_every_response_trains(tmp_path):
     assert trainer.global_step == 1 and float(trainer.callback_metrics["train/reverse_kl"]) > 0
 
 
+class TeacherOnItsDevice(RecordingRollouts):
+    """Records, at each update (the Trainer moves the module back to the CPU when fit ends), the
+    teacher's devices and the log-probs of a plain, eager forward of the teacher over the rollout."""
+
+    def update(self, rollout):
+        from grape_lightning.models.compile import eager_layers
+
+        from grape_lightning.models.sharding import decoder_layers
+
+        self.teacher_devices = {p.device.type for p in self.teacher.parameters()}
+        self.teacher_compiled = all(layer._compiled_call_impl is not None for layer in decoder_layers(self.teacher.base_model))
+        with eager_layers():
+            self.expected = sampled_token_logprobs(self.teacher, rollout, TEMPERATURE)
+        super().update(rollout)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_a_gpu_the_teacher_moves_compiles_and_scores_as_a_plain_forward(tmp_path):
     """The teacher on the student's CUDA device, its decoder layers compiled with the student's
     (ModelSpec.compile unset: on for a single CUDA device), its log-probs those of a plain forward."""
     teacher = tiny_spec(init_seed=1, config=TEACHER_CONFIG)
-    module = _module(RecordingRollouts, policy=tiny_spec(), teacher=teacher)
+    module = _module(TeacherOnItsDevice, policy=tiny_spec(), teacher=teacher)
     trainer = _trainer(tmp_path, 2, accelerator="gpu", devices=1)
     trainer.fit(module, _datamodule())
     assert trainer.global_step == 2
-    assert {p.device.type for p in module.teacher.parameters()} == {"cuda"}
+    assert module.teacher_devices == {"cuda"} and module.teacher_compiled
     assert not any(p.requires_grad for p in module.teacher.parameters())
     rollout = module.rollouts[-1]
-    expected = sampled_token_logprobs(module.teacher, rollout, TEMPERATURE)
-    torch.testing.assert_close(rollout.teacher_logprobs[:, 1:].double(), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(rollout.teacher_logprobs[:, 1:].double(), module.expected, rtol=0, atol=1e-4)
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/reverse_kl"])))
