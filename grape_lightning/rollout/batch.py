@@ -33,7 +33,6 @@ class Rollout:
     responses: list[str]
     metadata: list[dict[str, Any]]
     reward_terms: dict[str, Tensor] = field(default_factory=dict)  # raw value of each reward term, NaN where missing
-    reward_confidences: dict[str, Tensor] = field(default_factory=dict)  # a term's confidence (GRAPE's rubric items), NaN where it does not apply
     correct: Tensor | None = None  # [N] bool: the scorer's accuracy check passed (None: it has none)
     ref_logprobs: Tensor | None = None
     teacher_logprobs: Tensor | None = None  # a distillation teacher's log-probs of the sampled tokens
@@ -43,6 +42,7 @@ class Rollout:
     statistics: dict[str, float] = field(default_factory=dict)  # the scorer's statistics of the batch (logged)
     generation_seconds: float = 0.0
     generated_tokens: float | None = None  # response tokens generated for it, discarded samples included (None: its own)
+    reward_confidences: dict[str, Tensor] = field(default_factory=dict)  # a term's confidence (GRAPE's rubric items), NaN where it does not apply
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
