@@ -109,6 +109,13 @@ class ReliabilityEstimate(nn.Module):
         self.value.copy_(torch.where(now, moved, self.value))
         self.measured.copy_(self.measured | now)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # A module cast to a low precision (bf16-true, DeepSpeed's bf16) keeps the estimate in float64.
+        super()._apply(fn, recurse)
+        if self.value.dtype != torch.float64:
+            self.value = self.value.double()
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         for name, tensor in self.named_buffers(recurse=False):
             state_dict.setdefault(prefix + name, torch.zeros_like(tensor))

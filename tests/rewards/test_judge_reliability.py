@@ -139,3 +139,12 @@ def test_reliability_estimate_round_trips_through_a_state_dict_and_loads_from_on
     older.reliability = ReliabilityEstimate(2)
     older.load_state_dict({})  # a checkpoint from before the estimate: unmeasured, strict loading still passes
     assert not older.reliability.measured.any()
+
+
+def test_reliability_estimate_stays_float64_when_its_module_is_cast():
+    holder = torch.nn.Module()
+    holder.reliability = ReliabilityEstimate(2)
+    holder.bfloat16()
+    holder.reliability.update(torch.tensor([0.123456789, math.nan], dtype=torch.float64), 0.9)
+    assert holder.reliability.value.dtype == torch.float64 and holder.reliability.value[0].item() == 0.123456789
+    assert set(holder.state_dict()) == {"reliability.value", "reliability.measured"}
