@@ -1,9 +1,11 @@
-"""The ``grape`` command: LightningCLI over every algorithm and DataModule, plus ``grape export``.
+"""The ``grape`` command: LightningCLI over every algorithm and DataModule, plus ``grape export``
+and ``grape rubric-report``.
 
     grape fit --config configs/sft.yaml
     grape fit --config configs/sft.yaml --trainer.max_steps 50 --print_config
     grape fit --config configs/sft.yaml --ckpt_path last     # continue the latest run of this config
     grape export --ckpt_path runs/sft/version_0/checkpoints/last.ckpt --output_dir exported/
+    grape rubric-report runs/grape/version_0                 # a GRAPE run's rubric items, suggested weights
 
 Every subcommand first applies ``grape_lightning/base_config.yaml`` (the trainer settings all the
 shipped configs share: logger, checkpoint, callbacks), then each ``--config`` in order: a mapping
@@ -46,6 +48,7 @@ import grape_lightning.rollout  # noqa: F401
 from grape_lightning.model_source_args import replace_model_sources
 from grape_lightning.models.spec import ModelSpec, trained_model_spec
 from grape_lightning.resume import continue_run
+from grape_lightning.rubric_report import RUBRIC_REPORT_HELP, rubric_report_main
 
 
 EXPORT_HELP = "Write the policy of a checkpoint in Hugging Face format."
@@ -81,10 +84,14 @@ class GrapeCLI(LightningCLI):
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
-        # ``grape export`` is dispatched before LightningCLI parses (cli_main); registering a parser
-        # for it here only lists it beside fit/validate/test/predict in ``grape --help``.
+        # ``grape export`` and ``grape rubric-report`` are dispatched before LightningCLI parses
+        # (cli_main); registering parsers for them here only lists them beside fit/validate/test/predict
+        # in ``grape --help``.
         assert parser._subcommands_action is not None
         parser._subcommands_action.add_subcommand("export", LightningArgumentParser(description=EXPORT_HELP), help=EXPORT_HELP)
+        parser._subcommands_action.add_subcommand(
+            "rubric-report", LightningArgumentParser(description=RUBRIC_REPORT_HELP), help=RUBRIC_REPORT_HELP
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The run's checkpoint is a section of its own rather than an item of trainer.callbacks: a
@@ -185,6 +192,8 @@ def cli_main(args: Sequence[str] | None = None) -> GrapeCLI | str:
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    if argv[:1] == ["rubric-report"]:
+        return rubric_report_main(argv[1:])
     add_config_directories_to_path(argv)
     argv = replace_model_sources(argv)
     if args is None:

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grape_lightning.advantages import group_statistics
 from grape_lightning.rewards.base import RewardFunction, is_missing
 from grape_lightning.rewards.code_execution import UnitTests
-from grape_lightning.rewards.confidence_weighting import confidence_weighted_rewards
+from grape_lightning.rewards.confidence_weighting import WeightingConfig, item_weights, weighted_rewards
 from grape_lightning.rewards.critics.base import Critic, JudgeRequest, checked
+from grape_lightning.rewards.judge_reliability import ReliabilityEstimate
 from grape_lightning.rewards.reward_model import RewardModelScore
 from grape_lightning.rewards.rubric import Rubric, RubricItem
 from grape_lightning.rewards.scorer import Scores, accuracy_term
@@ -84,6 +84,16 @@ class RubricScorer:
     def keys(self) -> list[str]:
         return [f"{category}/{item.name}" for category, item in self.columns]
 
+    @property
+    def weights(self) -> Tensor:
+        """[K] w_k, float64."""
+        return torch.tensor([item.weight for _, item in self.columns], dtype=torch.float64)
+
+    @property
+    def verifiable(self) -> Tensor:
+        """[K] bool: the verifiable items (the reference the others' agreement is measured against)."""
+        return torch.tensor([item.kind == "verifiable" for _, item in self.columns], dtype=torch.bool)
+
     def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict[str, Any]]) -> RubricScores:
         n, k = len(responses), len(self.columns)
         scores = torch.zeros(n, k, dtype=torch.float64)
@@ -121,38 +131,57 @@ class RubricScorer:
                     failed[row, column] = True
                     continue
                 scores[row, column], confidences[row, column] = value, 1.0
-        weights = torch.tensor([item.weight for _, item in self.columns], dtype=torch.float64)
-        return RubricScores(self.keys, weights, scores, confidences, applicable, failed, critiques)
+        return RubricScores(self.keys, self.weights, scores, confidences, applicable, failed, critiques)
 
 
 class ConfidenceWeightedRubric:
     """GRAPE's scorer: every (response, item) of a rubric scored by :class:`RubricScorer`, then
-    aggregated per sample set by confidence (:func:`confidence_weighted_rewards`):
+    aggregated per sample set by confidence (by default; ``weighting``:
+    :func:`~grape_lightning.rewards.confidence_weighting.item_weights`):
 
         omega_k = w_k * mean_i c_ik,        r_i = sum_{k in J_i} omega_k s_ik / sum_{k in J_i} omega_k
 
-    The terms are the items ("category/item"), NaN where an item does not apply or failed. The
-    statistics, per item: mean ``score``, mean ``confidence``, ``spread`` (std of the scores
-    within a sample set, averaged over sets) and ``failures``; and the critic failures in all.
+    The terms are the items ("category/item"), NaN where an item does not apply or failed; their
+    confidences c_ik, NaN where the item does not apply (0 where it failed). The per-item
+    statistics of a step are the module's, over every process
+    (:mod:`~grape_lightning.rewards.rubric_statistics`).
 
     Args:
         rubric: the rubric.
         critics: critics by name, referred to by the rubric's judged items.
         accuracy: item key ("category/item") whose score 1 marks a correct response (None: no accuracy).
+        weighting: how the item weights omega_gk are formed (default: by confidence).
+        reliability: the running reliability estimate the ``reliability`` weighting reads (its
+            owner updates it; None: a fresh, unmeasured one).
     """
 
-    def __init__(self, rubric: Rubric, critics: dict[str, Critic] | None = None, accuracy: str | None = None) -> None:
+    def __init__(
+        self, rubric: Rubric, critics: dict[str, Critic] | None = None, accuracy: str | None = None,
+        weighting: WeightingConfig | None = None, reliability: ReliabilityEstimate | None = None,
+    ) -> None:
         self.items = RubricScorer(rubric, critics)
         if accuracy is not None and accuracy not in self.items.keys:
             raise ValueError(f"accuracy: {rubric.source} has no item {accuracy!r}; its items are {self.items.keys}")
         self.accuracy = accuracy
+        self.weighting = weighting or WeightingConfig()
+        self.reliability = reliability if reliability is not None else ReliabilityEstimate(len(self.items.keys))
+
+    def omega(self, items: RubricScores, groups: Tensor) -> Tensor:
+        """[num_groups, K] the item weights of the sample sets, as the rewards use them."""
+        device = items.scores.device
+        measured = self.reliability.measured.to(device) & ~self.items.verifiable.to(device)
+        return item_weights(
+            self.weighting.mode, items.weights, items.confidences, groups.to(device), items.applicable, items.failed,
+            self.reliability.value.to(device), measured,
+        )
 
     def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict[str, Any]], groups: Tensor) -> Scores:
         items = self.items(prompts, responses, metadata)
         groups = groups.cpu()
-        rewards, _ = confidence_weighted_rewards(items.scores, items.confidences, items.weights, groups, items.applicable, items.failed)
+        rewards = weighted_rewards(items.scores, self.omega(items, groups), groups, items.applicable & ~items.failed)
         scored = items.applicable & ~items.failed
         terms = {key: torch.where(scored[:, k], items.scores[:, k], float("nan")) for k, key in enumerate(items.keys)}
+        confidences = {key: torch.where(items.applicable[:, k], items.confidences[:, k], float("nan")) for k, key in enumerate(items.keys)}
         details = [
             {
                 **{key: f"s={float(items.scores[i, k]):.2f} c={float(items.confidences[i, k]):.2f}" + (" (failed)" if items.failed[i, k] else "")
@@ -163,22 +192,21 @@ class ConfidenceWeightedRubric:
         ]
         return Scores(
             rewards=rewards, valid=~torch.isnan(rewards), terms=terms, correct=accuracy_term(terms, self.accuracy, "the rubric"),
-            details=details, statistics=item_statistics(items, groups),
+            details=details, confidences=confidences,
         )
 
-
-def item_statistics(items: RubricScores, groups: Tensor) -> dict[str, float]:
-    """``critic_failures`` and, per applicable item, ``rubric/<key>/{failures,score,confidence,spread}``."""
-    statistics = {"critic_failures": float(items.failed.sum())}
-    for k, key in enumerate(items.keys):
-        applicable = items.applicable[:, k]
-        if not applicable.any():
-            continue
-        scored = applicable & ~items.failed[:, k]
-        statistics[f"rubric/{key}/failures"] = float(items.failed[:, k].sum())
-        if scored.any():
-            statistics[f"rubric/{key}/score"] = float(items.scores[scored, k].mean())
-            statistics[f"rubric/{key}/confidence"] = float(items.confidences[applicable, k].mean())
-            spread = group_statistics(torch.where(scored, items.scores[:, k], float("nan")), groups, scored)
-            statistics[f"rubric/{key}/spread"] = float(spread.std[spread.count >= 2].mean()) if (spread.count >= 2).any() else 0.0
-    return statistics
+    def scored_items(self, terms: dict[str, Tensor], confidences: dict[str, Tensor]) -> RubricScores:
+        """The item matrices back from a rollout's ``reward_terms`` and ``reward_confidences``
+        (as :meth:`__call__` wrote them), on their device; no critiques."""
+        keys = self.items.keys
+        missing = [key for key in keys if key not in terms or key not in confidences]
+        if missing:
+            raise ValueError(f"the rollout has no scores or confidences of the rubric items {missing}")
+        score = torch.stack([terms[key] for key in keys], dim=1).double()
+        confidence = torch.stack([confidences[key] for key in keys], dim=1).double()
+        applicable = ~torch.isnan(confidence)
+        failed = applicable & torch.isnan(score)
+        return RubricScores(
+            keys, self.items.weights.to(score.device), torch.nan_to_num(score, nan=0.0), torch.nan_to_num(confidence, nan=0.0),
+            applicable, failed,
+        )

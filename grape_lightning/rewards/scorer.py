@@ -25,6 +25,8 @@ class Scores:
     leaves the update). ``terms`` holds each term's raw value, NaN where it is missing.
     ``correct`` marks the responses the scorer's accuracy check passed (None: the scorer has no
     accuracy check). ``statistics`` are scalars of the batch that the run logs as they are.
+    ``confidences`` holds each term's confidence where a scorer has them (GRAPE's rubric items:
+    c where the item applies, 0 where it failed, NaN where it does not apply).
     """
 
     rewards: Tensor  # [N] float64
@@ -33,6 +35,7 @@ class Scores:
     correct: Tensor | None = None  # [N] bool
     details: list[dict[str, Any]] = field(default_factory=list)  # per response, for sample tables
     statistics: dict[str, float] = field(default_factory=dict)
+    confidences: dict[str, Tensor] = field(default_factory=dict)  # name -> [N] float64
 
 
 class Scorer(Protocol):

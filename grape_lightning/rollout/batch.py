@@ -42,6 +42,7 @@ class Rollout:
     statistics: dict[str, float] = field(default_factory=dict)  # the scorer's statistics of the batch (logged)
     generation_seconds: float = 0.0
     generated_tokens: float | None = None  # response tokens generated for it, discarded samples included (None: its own)
+    reward_confidences: dict[str, Tensor] = field(default_factory=dict)  # a term's confidence (GRAPE's rubric items), NaN where it does not apply
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -74,8 +75,8 @@ class Rollout:
 
     def select(self, rows: Tensor, groups: Tensor | None = None) -> Rollout:
         """The rows ``rows`` (in that order) as a rollout; ``groups`` replaces their group ids
-        (default: the selected ids, as they are). Per-row tensors and lists, and each reward term,
-        are indexed; batch-level fields (``statistics``, timings) are kept."""
+        (default: the selected ids, as they are). Per-row tensors and lists, and each reward term
+        and its confidence, are indexed; batch-level fields (``statistics``, timings) are kept."""
         rows = rows.to(self.input_ids.device)
         picked = rows.tolist()
         values: dict[str, Any] = {}
@@ -85,7 +86,7 @@ class Rollout:
                 value = value[rows.to(value.device)]
             elif isinstance(value, list) and len(value) == len(self):
                 value = [value[i] for i in picked]
-            elif item.name == "reward_terms":
+            elif item.name in ("reward_terms", "reward_confidences"):
                 value = {name: term[rows.to(term.device)] for name, term in value.items()}
             values[item.name] = value
         if groups is not None:
@@ -132,6 +133,9 @@ class Rollout:
         names = list(first.reward_terms)
         if any(list(rollout.reward_terms) != names for rollout in rollouts):
             raise ValueError("Rollout.concat: the rollouts have different reward terms")
+        confidence_names = list(first.reward_confidences)
+        if any(list(rollout.reward_confidences) != confidence_names for rollout in rollouts):
+            raise ValueError("Rollout.concat: the rollouts have confidences of different reward terms")
         rows = [len(rollout) for rollout in rollouts]
         statistics: dict[str, float] = {}
         for name in {key for rollout in rollouts for key in rollout.statistics}:
@@ -150,6 +154,7 @@ class Rollout:
             responses=[r for rollout in rollouts for r in rollout.responses],
             metadata=[m for rollout in rollouts for m in rollout.metadata],
             reward_terms={name: torch.cat([rollout.reward_terms[name] for rollout in rollouts]) for name in names},
+            reward_confidences={name: torch.cat([rollout.reward_confidences[name] for rollout in rollouts]) for name in confidence_names},
             correct=per_row("correct"),
             ref_logprobs=per_token("ref_logprobs", 0.0),
             sampling_logprobs=per_token("sampling_logprobs", 0.0),

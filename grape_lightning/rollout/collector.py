@@ -102,6 +102,7 @@ class RolloutCollector:
             responses=responses,
             metadata=metadata,
             reward_terms=scores.terms,
+            reward_confidences=scores.confidences,
             correct=None if scores.correct is None else scores.correct.to(device),
             off_policy=batch.get("off_policy", torch.zeros(len(responses), dtype=torch.bool)).to(device),
             details=scores.details,

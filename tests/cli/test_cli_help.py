@@ -82,10 +82,12 @@ def test_every_init_argument_has_help(cls):
 def test_grape_help_lists_every_subcommand(tmp_path, capsys):
     out = run_grape("--help", cwd=tmp_path).stdout  # the console command itself, once
     listed = out.split("Available subcommands:", 1)[1]
-    for subcommand in ("fit", "validate", "test", "predict", "export"):
+    for subcommand in ("fit", "validate", "test", "predict", "export", "rubric-report"):
         assert f"\n    {subcommand} " in listed, subcommand
     code, out, _ = grape_in_process("export", "--help", capsys=capsys)
     assert code == 0 and "--output_dir" in out
+    code, out, _ = grape_in_process("rubric-report", "--help", capsys=capsys)
+    assert code == 0 and all(option in out for option in ("--out", "--last", "--min-spread", "--min-confidence", "--rubric"))
 
 
 def test_fit_help_and_print_config_show_argument_help(capsys):

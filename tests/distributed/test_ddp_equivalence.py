@@ -26,7 +26,8 @@ truncates per-token weights and logs the mismatch's global sums and maxima.
 
 REINFORCE, rejection sampling, GRAPE, TRPO and on-policy distillation run the same comparison with the ranks holding different
 numbers of rows in the loss (13 and 12 valid rewards with micro-batches of 4; different numbers
-of kept responses; GRAPE's off-policy responses for some prompts only; distillation mixing in the
+of kept responses; GRAPE's off-policy responses for some prompts only, a judged rubric item weighted
+by its running agreement with the verified one, and the per-item statistics; distillation mixing in the
 task reward, so only responses with a valid reward train, with a discounted KL return-to-go), where the update loop
 pads the shorter rank with zero-weighted passes so the backward all-reduces pair up.
 
@@ -175,13 +176,16 @@ def _setup(algorithm: str, devices: int):
         )
     elif algorithm == "rejection_sampling":
         module = SameGlobalRollout(spec, rewards=rewards, keep_top_k=2, reward_threshold=1.0, **common)
-    elif algorithm == "grape":  # confidence-weighted rubric, leave-one-out, off-policy responses for some prompts
+    elif algorithm == "grape":  # rubric weighted by reliability, leave-one-out, off-policy responses for some prompts
+        from grape_lightning.rewards.critics import CallableCritic
+
         Path("rubric.yaml").write_text(GRAPE_RUBRIC)
         with open("responses.jsonl", "w") as responses:
             for prompt in train_prompts(GLOBAL_PROMPTS)[::3]:  # prompts 0, 3 and 6: two on rank 0, one on rank 1
                 responses.write(json.dumps({"prompt": prompt, "response": "12"}) + "\n")
         module = SameGlobalRollout(
-            spec, rubric="rubric.yaml", advantage=AdvantageConfig("leave_one_out", "batch"),
+            spec, rubric="rubric.yaml", critics={"judge": CallableCritic("tests.distributed.test_ddp_equivalence:judged_parity")},
+            advantage=AdvantageConfig("leave_one_out", "batch"), weighting={"mode": "reliability", "momentum": 0.5},
             off_policy=OffPolicyConfig(responses_file="responses.jsonl", treatment="all"),
             loss=SurrogateConfig(beta=0.1, aggregation="token"), **common,
         )
@@ -227,7 +231,24 @@ default_category: math
 categories:
   math:
     - {name: parity, weight: 1.0, kind: verifiable, check: python, function: "tests.distributed.test_ddp_equivalence:parity_with_gaps"}
+    - {name: judged_parity, weight: 0.5, kind: judged, critic: judge, question: "Is the length of the response odd?"}
 """
+GRAPE_ITEM_METRICS = tuple(
+    f"rubric/math/{item}/{name}" for item in ("parity", "judged_parity")
+    for name in ("failures", "score", "confidence", "spread", "omega", "reward_share", "advantage_share")
+) + tuple(f"rubric/math/judged_parity/{name}" for name in ("agreement", "calibration_error", "reliability")) + ("critic_failures",)
+"""GRAPE's per-item statistics, sums over the processes (the reliability estimate, which weights
+the judged item from the second step on, too)."""
+
+
+def judged_parity(request):
+    """A critic of the response's parity that is wrong on about a quarter of the responses, with
+    confidences spread over [0, 1], and fails on about one in seven."""
+    code = zlib.crc32(f"{request.prompt}|{request.response}|judge".encode())
+    if code % 7 == 0:
+        return None
+    parity = float(len(request.response) % 2)
+    return (parity if code % 4 else 1.0 - parity), (code % 97) / 96, ""
 
 
 def parity_with_gaps(prompt, response, metadata):
@@ -322,7 +343,7 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
         "dpo": ("train/rewards/accuracies", "train/rewards/margins", "train/sft_nll"),
         "grpo": ("train/kl", "train/policy_loss", "train/tied_groups", "train/advantage_abs_mean"),
         "grpo_tied": ("train/kl", "train/policy_loss"),
-        "grape": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
+        "grape": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy") + GRAPE_ITEM_METRICS,
         "reinforce": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "reinforce_pp": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "grpo_tis": ("train/kl", "train/policy_loss", "train/mismatch_kl", "train/mismatch_ratio_max", "train/mismatch_abs_max",
@@ -338,6 +359,9 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
     }
     for name in checked.get(algorithm, ()):
         assert abs(single["metrics"][name] - ranks[0]["metrics"][name]) < 1e-10, name
+    if algorithm == "grape":  # logged by each rank without a reduction of Lightning's: the same global values on both
+        assert all(ranks[0]["metrics"][name] == ranks[1]["metrics"][name] for name in GRAPE_ITEM_METRICS)
+        print("grape: " + ", ".join(f"{name.removeprefix('rubric/math/')} {single['metrics'][name]:.4f}" for name in GRAPE_ITEM_METRICS))
     if algorithm == "dapo":
         kept = [ranks[0]["kept"], ranks[1]["kept"]]
         print(f"dapo: informative groups kept per step: 1 process {single['kept']}, ranks {kept[0]} / {kept[1]}")

@@ -295,20 +295,94 @@ def test_off_policy_rows_have_no_sampler_logprobs_and_stay_out_of_the_kl_metric(
     assert abs(loss - expected_loss) < 1e-12
 
 
-def test_per_item_metrics_and_sample_details(tmp_path):
+def test_per_item_metrics_sample_details_and_the_end_of_fit_table(tmp_path, caplog):
     module = GRAPEModule(
         tiny_spec(), rubric=_write(tmp_path, MIXED), critics={"digits": CallableCritic("tests.modules.test_grape:digits")},
         sampling=SamplingParams(max_new_tokens=4), loss=SurrogateConfig(beta=0.0),
     )
     trainer = _trainer(tmp_path, 2)
-    trainer.fit(module, _datamodule())
+    with caplog.at_level("INFO"):
+        trainer.fit(module, _datamodule())
     metrics = trainer.callback_metrics
-    for name in ("score", "confidence", "spread", "failures"):
+    for name in ("score", "confidence", "spread", "failures", "omega"):
         assert f"rubric/math/plain_number/{name}" in metrics and f"rubric/math/correct/{name}" in metrics
-    assert metrics["rubric/math/correct/confidence"] == 1.0
+    for name in ("agreement", "calibration_error", "reliability"):  # of the judged item only: the verifier is the reference
+        assert f"rubric/math/plain_number/{name}" in metrics and f"rubric/math/correct/{name}" not in metrics
+    assert "critic_failures" in metrics
+    assert metrics["rubric/math/correct/confidence"] == 1.0 and metrics["rubric/math/correct/omega"] == 1.0
     assert 0.3 <= metrics["rubric/math/plain_number/confidence"] <= 0.9
     row = module.last_samples[0]
     assert "math/plain_number" in row and "plain_number:" in row["critiques"]
+    # the table at the end of fit: every item, its statistics averaged over the fit's two steps
+    assert len(module.item_history) == 2
+    (table,) = [record.getMessage() for record in caplog.records if "rubric items over the 2 training steps" in record.getMessage()]
+    lines = table.splitlines()
+    assert lines[2].split()[:4] == ["item", "w", "score", "conf"]
+    score = statistics.fmean(step["math/plain_number"]["score"] for step in module.item_history)
+    assert lines[4].split()[:3] == ["math/plain_number", "0.500", f"{score:.3f}"]
+    assert lines[3].startswith("math/correct ")
+
+
+def test_reliability_weighting_uses_the_running_agreement_of_earlier_steps_and_checkpoints_keep_it(tmp_path):
+    """Step 1 is weighted by confidence (nothing measured yet) and measures the judged item's
+    agreement a = mean_i 1 - |s_plain - s_correct|; step 2's rewards weigh it w R f with R = a
+    (float64 hand computation). A checkpoint carries R, and a resumed run starts from it."""
+    L.seed_everything(0)
+    module = GRAPEModule(
+        tiny_spec(dtype="float64"), rubric=_write(tmp_path, MIXED), critics={"digits": CallableCritic("tests.modules.test_grape:digits")},
+        sampling=SamplingParams(max_new_tokens=4, temperature=1.0), loss=SurrogateConfig(beta=0.0),
+        weighting={"mode": "reliability", "momentum": 0.5},
+    )
+    datamodule = _datamodule()
+    datamodule.set_tokenizer(module.tokenizer)
+    datamodule.setup()
+    loader = iter(datamodule.train_dataloader())
+    first = next(loader)
+    first["metadata"] = [{**m, "answer": "1"} if i % 3 == 0 else m for i, m in enumerate(first["metadata"])]
+    rollout = module.collect_rollout(first)
+    correct, plain = rollout.reward_terms["math/correct"].tolist(), rollout.reward_terms["math/plain_number"].tolist()
+    confidence = rollout.reward_confidences["math/plain_number"].tolist()
+    for i, reward in enumerate(rollout.rewards.tolist()):  # by confidence: omega = (1, 0.5 mean c of the set)
+        members = [j for j in range(len(rollout)) if rollout.groups[j] == rollout.groups[i]]
+        omega = 0.5 * math.fsum(confidence[j] for j in members) / len(members)
+        assert abs(reward - (correct[i] + omega * plain[i]) / (1 + omega)) < 1e-12
+    logged = module.rubric_item_statistics(rollout, _advantages(module, rollout))
+    agreement = math.fsum(1 - abs(p - c) for p, c in zip(plain, correct)) / len(rollout)
+    assert abs(logged["rubric/math/plain_number/agreement"] - agreement) < 1e-12
+    assert module.reliability.measured.tolist() == [False, True] and abs(module.reliability.value[1].item() - agreement) < 1e-12
+
+    rollout = module.collect_rollout(next(loader))
+    correct, plain = rollout.reward_terms["math/correct"].tolist(), rollout.reward_terms["math/plain_number"].tolist()
+    expected = [(c + 0.5 * agreement * p) / (1 + 0.5 * agreement) for c, p in zip(correct, plain)]
+    assert rollout.rewards.tolist() == pytest.approx(expected, abs=1e-12)
+    second = math.fsum(1 - abs(p - c) for p, c in zip(plain, correct)) / len(rollout)
+    module.rubric_item_statistics(rollout, _advantages(module, rollout))
+    assert abs(module.reliability.value[1].item() - (0.5 * agreement + 0.5 * second)) < 1e-12
+
+    # through a checkpoint: what a resumed run starts from
+    trainer = L.Trainer(
+        max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)],
+    )
+    trainer.fit(module, _datamodule())
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(saved["reliability.value"], module.reliability.value) and saved["reliability.measured"].tolist() == [False, True]
+    started_from = []
+
+    class AtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            started_from.append(pl_module.reliability.value.clone())
+
+    resumed = GRAPEModule(
+        tiny_spec(dtype="float64"), rubric=_write(tmp_path, MIXED), critics={"digits": CallableCritic("tests.modules.test_grape:digits")},
+        sampling=SamplingParams(max_new_tokens=4, temperature=1.0), loss=SurrogateConfig(beta=0.0),
+        weighting={"mode": "reliability", "momentum": 0.5},
+    )
+    L.Trainer(
+        max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+        callbacks=[AtStart()], enable_checkpointing=False,
+    ).fit(resumed, _datamodule(), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert torch.equal(started_from[0], saved["reliability.value"])
 
 
 @pytest.mark.parametrize("rubric", ["one_item", "mixed"])

@@ -3,6 +3,7 @@
 import math
 import random
 
+import pytest
 import torch
 
 from grape_lightning.rewards.confidence_weighting import confidence_weighted_rewards
@@ -98,3 +99,97 @@ def test_single_verifiable_item_reward_is_its_score():
     scores = [[0.0], [1.0], [1.0], [0.0]]
     rewards, _ = _run(scores, [[1.0]] * 4, [1.0], [0, 0, 1, 1], [[True]] * 4, [[False]] * 4)
     assert rewards.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+# -- weighting modes ---------------------------------------------------------------------------------
+def _reference_omega(mode, confidences, weights, groups, applicable, failed, reliability=None, measured=None):
+    """Plain loops: omega_gk per set and item, as item_weights' docstring states it."""
+    n, k = len(confidences), len(weights)
+    scored = [[applicable[i][item] and not failed[i][item] for item in range(k)] for i in range(n)]
+    omega = {}
+    for g in set(groups):
+        members = [i for i in range(n) if groups[i] == g and any(scored[i])]
+        for item in range(k):
+            m_gk = [i for i in members if applicable[i][item]]
+            if not m_gk:
+                omega[g, item] = 0.0
+            elif mode == "fixed":
+                omega[g, item] = weights[item]
+            elif mode == "reliability" and measured[item]:
+                omega[g, item] = weights[item] * reliability[item] * sum(1.0 for i in m_gk if scored[i][item]) / len(m_gk)
+            else:
+                omega[g, item] = weights[item] * math.fsum(confidences[i][item] if scored[i][item] else 0.0 for i in m_gk) / len(m_gk)
+    return omega
+
+
+def _reference_rewards_from(omega, scores, groups, applicable, failed):
+    rewards = []
+    for i in range(len(scores)):
+        items = [k for k in range(len(scores[i])) if applicable[i][k] and not failed[i][k]]
+        total = math.fsum(omega[groups[i], k] for k in items)
+        rewards.append(math.fsum(omega[groups[i], k] * scores[i][k] for k in items) / total if total > 0 else math.nan)
+    return rewards
+
+
+@pytest.mark.parametrize("mode", ["confidence", "reliability", "fixed"])
+def test_weighting_modes_match_hand_computation_on_random_sets(mode):
+    for seed in range(20):
+        scores, confidences, weights, groups, applicable, failed = _random_case(seed)
+        rng = random.Random(100 + seed)
+        reliability = [rng.random() for _ in weights]
+        measured = [rng.random() < 0.6 for _ in weights]
+        rewards, omega = confidence_weighted_rewards(
+            torch.tensor(scores, dtype=torch.float64), torch.tensor(confidences, dtype=torch.float64),
+            torch.tensor(weights, dtype=torch.float64), torch.tensor(groups), torch.tensor(applicable), torch.tensor(failed),
+            mode=mode, reliability=torch.tensor(reliability, dtype=torch.float64), measured=torch.tensor(measured),
+        )
+        expected_omega = _reference_omega(mode, confidences, weights, groups, applicable, failed, reliability, measured)
+        for (g, item), want in expected_omega.items():
+            assert abs(omega[g, item].item() - want) < 1e-12, (seed, g, item)
+        expected = _reference_rewards_from(expected_omega, scores, groups, applicable, failed)
+        for got, want in zip(rewards.tolist(), expected):
+            assert (math.isnan(got) and math.isnan(want)) or abs(got - want) < 1e-12
+        if mode == "confidence":  # the default is the aggregation GRAPE always had
+            assert rewards.tolist() == pytest.approx(_reference(scores, confidences, weights, groups, applicable, failed), nan_ok=True, abs=1e-12)
+
+
+def test_fixed_weighting_ignores_confidence_and_failures_only_leave_the_response_mean():
+    scores = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.5]]
+    confidences = [[1.0, 0.0], [1.0, 0.0], [1.0, 0.1]]
+    failed = [[False, False], [False, False], [False, True]]
+    rewards, omega = _run_mode("fixed", scores, confidences, [1.0, 3.0], [0, 0, 0], [[True, True]] * 3, failed)
+    assert omega.tolist() == [[1.0, 3.0]]
+    assert rewards.tolist() == [0.25, 0.75, 1.0]
+
+
+def test_reliability_weighting_keeps_the_failure_share_and_falls_back_to_confidence_where_unmeasured():
+    """A verifiable item (never measured: it is the reference) weighs as under confidence; a measured
+    judged item weighs w R f; an unmeasured one w mean c."""
+    scores = [[1.0, 0.0, 0.2], [0.0, 1.0, 0.4], [1.0, 0.5, 0.6], [0.0, 0.5, 0.8]]
+    confidences = [[1.0, 0.9, 0.3], [1.0, 0.1, 0.3], [1.0, 0.0, 0.3], [0.0, 0.7, 0.3]]
+    failed = [[False, False, False], [False, False, False], [False, True, False], [True, False, False]]
+    reliability, measured = [0.0, 0.8, 0.9], [False, True, False]
+    _, omega = _run_mode("reliability", scores, confidences, [1.0, 0.5, 2.0], [0] * 4, [[True] * 3] * 4, failed,
+                         reliability, measured)
+    _, by_confidence = _run_mode("confidence", scores, confidences, [1.0, 0.5, 2.0], [0] * 4, [[True] * 3] * 4, failed)
+    assert omega[0, 0].item() == by_confidence[0, 0].item() == 0.75
+    assert abs(omega[0, 1].item() - 0.5 * 0.8 * 3 / 4) < 1e-15
+    assert omega[0, 2].item() == by_confidence[0, 2].item()
+
+
+def _run_mode(mode, scores, confidences, weights, groups, applicable, failed, reliability=None, measured=None):
+    return confidence_weighted_rewards(
+        torch.tensor(scores, dtype=torch.float64), torch.tensor(confidences, dtype=torch.float64),
+        torch.tensor(weights, dtype=torch.float64), torch.tensor(groups), torch.tensor(applicable), torch.tensor(failed), mode=mode,
+        reliability=None if reliability is None else torch.tensor(reliability, dtype=torch.float64),
+        measured=None if measured is None else torch.tensor(measured),
+    )
+
+
+def test_weighting_config_refuses_unknown_modes_and_momenta():
+    from grape_lightning.rewards.confidence_weighting import WeightingConfig
+
+    with pytest.raises(ValueError, match="weighting.mode must be one of"):
+        WeightingConfig(mode="votes")
+    with pytest.raises(ValueError, match=r"weighting.momentum must be in \[0, 1\)"):
+        WeightingConfig(momentum=1.0)

@@ -1,4 +1,5 @@
-"""The Scorer interface: reward functions and GRAPE's rubric return rewards, terms, accuracy and statistics."""
+"""The Scorer interface: reward functions and GRAPE's rubric return rewards, terms, accuracy and
+(the rubric) the confidences from which the per-item statistics are computed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from grape_lightning.rewards import NumericMatch, RewardFunction
 from grape_lightning.rewards.rubric import load_rubric
 from grape_lightning.rewards.rubric_scorer import ConfidenceWeightedRubric
+from grape_lightning.rewards.rubric_statistics import item_statistics
 from grape_lightning.rewards.scorer import RewardScorer
 
 PROMPTS = ["1+1=", "1+1=", "2+2=", "2+2="]
@@ -59,7 +61,14 @@ def test_rubric_scorer_returns_confidence_weighted_rewards_item_terms_and_statis
     assert scores.rewards.tolist() == pytest.approx(expected, abs=1e-15)
     assert scores.correct.tolist() == [True, False, True, False]
     assert math.isnan(float(scores.terms["math/short"][3])) and scores.terms["math/correct"].tolist() == [1.0, 0.0, 1.0, 0.0]
-    statistics = scores.statistics
+    assert torch.equal(scores.confidences["math/short"], torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64))
+    items = scorer.scored_items(scores.terms, scores.confidences)  # the matrices back, as the module reads them from a rollout
+    assert items.failed[:, 1].tolist() == [False, False, False, True] and items.applicable.all()
+    omega = scorer.omega(items, GROUPS)
+    assert omega.tolist() == [[1.0, 0.5], [1.0, 0.25]]
+    statistics = item_statistics(
+        items.keys, items.scores, items.confidences, items.weights, items.applicable, items.failed, scorer.items.verifiable, GROUPS, omega,
+    ).metrics()
     assert statistics["critic_failures"] == 1.0 and statistics["rubric/math/short/failures"] == 1.0
     assert statistics["rubric/math/correct/score"] == 0.5 and statistics["rubric/math/short/score"] == 1.0
     assert statistics["rubric/math/correct/spread"] == pytest.approx(math.sqrt(0.5))  # std of {1, 0} in each set

@@ -39,6 +39,7 @@ def fake_rollout(rewards: list[list[float]], width: int = 5, tag: str = "", seed
         responses=[f"{tag}{g}.{i}" for g, row in enumerate(rewards) for i in range(len(row))],
         metadata=[{"group": f"{tag}{g}"} for g in groups.tolist()],
         reward_terms={"r": flat.clone()},
+        reward_confidences={"r": torch.rand(n, generator=generator, dtype=torch.float64)},
         correct=flat == 1,
         off_policy=torch.zeros(n, dtype=torch.bool),
         statistics={"s": float(len(rewards))},
@@ -218,6 +219,8 @@ def test_concat_pads_to_the_widest_offsets_groups_and_select_renumbers():
     picked = both.select(torch.tensor([5, 6, 0, 1]), groups=torch.tensor([0, 0, 1, 1]))
     assert picked.responses == ["b0.0", "b0.1", "a0.0", "a0.1"] and picked.groups.tolist() == [0, 0, 1, 1]
     assert torch.equal(picked.ref_logprobs[2:], both.ref_logprobs[:2]) and picked.reward_terms["r"].tolist() == [1, 1, 1, 0]
+    assert torch.equal(both.reward_confidences["r"], torch.cat([a.reward_confidences["r"], b.reward_confidences["r"]]))
+    assert torch.equal(picked.reward_confidences["r"], both.reward_confidences["r"][[5, 6, 0, 1]])
     with pytest.raises(ValueError, match="ref_logprobs is set in some rollouts only"):
         Rollout.concat([a, fake_rollout([[1, 0]])])
 
