@@ -155,9 +155,10 @@ def trained_chat_template(model: Namespace) -> bool | None:
     return None if spec is None else spec.chat_template
 
 
-def add_config_directories_to_path(argv: Sequence[str]) -> None:
+def add_config_directories_to_path(argv: Sequence[str]) -> list[str]:
     """Put the current directory and the directory of every ``--config`` file first on ``sys.path``,
-    so ``class_path: my_rewards.MyReward`` finds ``my_rewards.py`` beside the config."""
+    so ``class_path: my_rewards.MyReward`` finds ``my_rewards.py`` beside the config; returns the
+    config files' directories (checkpoints record them for ``grape export``)."""
     directories = [os.getcwd()]
     for index, arg in enumerate(argv):
         if arg == "--config" and index + 1 < len(argv):
@@ -167,6 +168,7 @@ def add_config_directories_to_path(argv: Sequence[str]) -> None:
     for directory in reversed(directories):
         if directory not in sys.path:
             sys.path.insert(0, directory)
+    return directories[1:]
 
 
 def export_main(argv: Sequence[str]) -> str:
@@ -194,7 +196,7 @@ def cli_main(args: Sequence[str] | None = None) -> GrapeCLI | str:
         return export_main(argv[1:])
     if argv[:1] == ["rubric-report"]:
         return rubric_report_main(argv[1:])
-    add_config_directories_to_path(argv)
+    config_directories = add_config_directories_to_path(argv)
     argv = replace_model_sources(argv)
     if args is None:
         sys.argv[1:] = argv  # also what a multi-process launcher re-runs (the rewrite is idempotent)
@@ -207,7 +209,7 @@ def cli_main(args: Sequence[str] | None = None) -> GrapeCLI | str:
         parser_kwargs={subcommand: {"default_config_files": [str(BASE_CONFIG)]} for subcommand in GrapeCLI.subcommands()},
         trainer_defaults={
             "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
-            "callbacks": [CheckpointOnInterrupt(), RecordWorkingDirectory()],
+            "callbacks": [CheckpointOnInterrupt(), RecordWorkingDirectory(config_directories)],
         },
         args=None if args is None else argv,
     )

@@ -189,7 +189,8 @@ class FailingNumericMatch(NumericMatch):
 def test_a_raising_reward_beside_the_config_ends_with_its_traceback_and_a_resumable_checkpoint(tmp_path, uninterrupted):
     """``my_rewards.py`` beside the config loads by class path without PYTHONPATH; when it raises,
     the run ends with the user's traceback and ``last.ckpt`` of the last completed step, from which
-    the same command plus ``--ckpt_path last`` (with the bug fixed) ends as an uninterrupted run."""
+    the same command plus ``--ckpt_path last`` (with the bug fixed) ends as an uninterrupted run,
+    and ``grape export`` from another directory exports it."""
     run = tmp_path / "run"
     command = _command(run, pace=0.0)
     (run / "my_rewards.py").write_text(FAILING_REWARD)
@@ -209,6 +210,16 @@ def test_a_raising_reward_beside_the_config_ends_with_its_traceback_and_a_resuma
     _finish(command, tmp_path)
     assert [int(line) for line in (run / "record" / "starts.txt").read_text().split()] == [0, 4]
     _assert_same_end(run, uninterrupted)
+
+    # grape export, from another directory, rebuilds the module, whose reward is my_rewards.py's:
+    # the checkpoint recorded the config's directory, which grape fit had put on sys.path
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    export = [sys.executable, "-m", "grape_lightning.cli", "export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+              "--output_dir", "exported"]
+    exported = subprocess.run(export, cwd=elsewhere, env=ENV, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (elsewhere / "exported" / "config.json").is_file() and "my_rewards" not in sys.modules
 
 
 def _state(value: float) -> dict:
