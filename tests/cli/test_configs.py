@@ -203,7 +203,7 @@ def test_the_grape_config_judges_with_the_shipped_critic_on_the_questions_it_was
 
     rubric = str(ROOT / "configs/rubrics/arithmetic.yaml")
     cli = instantiate("--config", str(ROOT / "configs/grape.yaml"), "--model.init_args.rubric", rubric)
-    scorer = cli.model.collector.scorer
+    scorer = cli.model.collector.scorer.items  # the RubricScorer inside the confidence weighting
     (critic,) = scorer.critics.values()
     assert isinstance(critic, LocalLMCritic) and critic.model_name == "grape/tiny-addition-critic"
     judged = [item for _, item in scorer.columns if item.kind == "judged"]
