@@ -12,6 +12,13 @@
   (about a sixth of the validation prompts right): the student of ``configs/distill.yaml`` and of
   the distillation learning test, with ``grape/tiny-addition-sft`` as its teacher. Rebuilt by
   ``scripts/make_tiny_student_model.py``.
+- ``grape/tiny-addition-critic``: a yes/no critic (causal LM, the same character tokenizer) for
+  :class:`~grape_lightning.rewards.critics.LocalLMCritic`, trained on the exact judging text it
+  sees at run time to answer questions about a two-digit addition, its reference answer and a
+  response: sure and right on "is the response a plain number", 50/50 on "is it pleasing to
+  read" (conflicting training labels), not reliable on correctness; the critic of
+  ``configs/grape.yaml``. Rebuilt by ``scripts/make_tiny_critic_model.py``; its held-out report
+  is ``docs/critic.md``.
 """
 
 from __future__ import annotations

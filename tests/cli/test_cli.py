@@ -167,7 +167,7 @@ RL_COMMON_TAGS = {"train/reward", "train/reward_std", "train/reward/numeric_matc
 TAGS = {
     **{algorithm: RL_COMMON_TAGS | tags for algorithm, tags in RL_TAGS.items()},
     "grape": {"critic_failures", "val/accuracy", "train/reward"} | {
-        f"rubric/math/{item}/{name}" for item in ("correct", "judged_correct") for name in ("score", "confidence", "spread", "failures")},
+        f"rubric/math/{item}/{name}" for item in ("correct", "plain_number", "pleasing") for name in ("score", "confidence", "spread", "failures")},
     "sft": {"train/loss", "train/token_accuracy", "train/tokens_per_s", "val/loss", "val/accuracy"},
     "dpo": {"train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen", "val/rewards/chosen", "val/accuracy"},
     "reward_model": {"train/loss", "train/accuracy", "train/margin", "val/accuracy", "val/margin"},

@@ -191,3 +191,23 @@ def test_the_distillation_config_links_the_data_to_the_student_and_keeps_the_tea
                            '{"config": {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4}, '
                            '"tokenizer": "grape/char"}')
     assert switched.model.teacher_spec.name_or_path is None and switched.model.teacher_spec.config["hidden_size"] == 32
+
+
+def test_the_grape_config_judges_with_the_shipped_critic_on_the_questions_it_was_trained_on(instantiate):
+    """configs/grape.yaml: every judged item of its rubric goes to LocalLMCritic with
+    grape/tiny-addition-critic, and asks, word for word, a question the critic was trained and
+    reported on (docs/critic_report.json, written by scripts/make_tiny_critic_model.py)."""
+    import json
+
+    from grape_lightning.rewards.critics import LocalLMCritic
+
+    rubric = str(ROOT / "configs/rubrics/arithmetic.yaml")
+    cli = instantiate("--config", str(ROOT / "configs/grape.yaml"), "--model.init_args.rubric", rubric)
+    scorer = cli.model.collector.scorer.items  # the RubricScorer inside the confidence weighting
+    (critic,) = scorer.critics.values()
+    assert isinstance(critic, LocalLMCritic) and critic.model_name == "grape/tiny-addition-critic"
+    judged = [item for _, item in scorer.columns if item.kind == "judged"]
+    assert len(judged) >= 2 and all(scorer.critics[item.params["critic"]] is critic for item in judged)
+    trained = {row["question"] for row in json.loads((ROOT / "docs/critic_report.json").read_text())["held_out"].values()}
+    assert {item.params["question"] for item in judged} <= trained
+    assert [item.kind for _, item in scorer.columns].count("verifiable") == 1
