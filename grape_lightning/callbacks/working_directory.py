@@ -21,8 +21,13 @@ _IMPORT_KEY = "grape_import_directories"
 
 
 class RecordWorkingDirectory(L.Callback):
-    """Stores ``os.getcwd()`` of the training process and ``import_directories`` (the directories
-    the ``grape`` command put on ``sys.path``) in every checkpoint (the ``grape`` command adds it)."""
+    """Stores ``os.getcwd()`` of the training process and the import directories in every
+    checkpoint (the ``grape`` command adds it).
+
+    Args:
+        import_directories: the directories the ``grape`` command put on ``sys.path`` (those of
+            its ``--config`` files), put back there when ``grape export`` rebuilds the module.
+    """
 
     def __init__(self, import_directories: list[str] | None = None) -> None:
         self.import_directories = list(import_directories or [])
