@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from grape_lightning.algorithms.optim import OptimizerConfig, build_optimizer, fused_optimizer_allowed
-from grape_lightning.models.compile import COMPILED_PACKED_LENGTH_MULTIPLE, compile_decoder_layers, compile_wanted
+from grape_lightning.models.compile import compile_decoder_layers, compile_wanted
 from grape_lightning.models.policy_mixin import PolicyModelsMixin
 from grape_lightning.models.sharding import shard_causal_lm, shard_value_model
 
@@ -76,9 +76,6 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
     def __init__(self, optimizer: OptimizerConfig | dict | None = None) -> None:
         super().__init__()
         self.optimizer_config: OptimizerConfig = as_dataclass(optimizer, OptimizerConfig) or OptimizerConfig()
-        # the length a padding-free row is rounded up to (data.collate.padding_free): 1 unless the
-        # decoder layers are compiled, whose shape specialisations would recompile for every length
-        self.packed_length_multiple = 1
 
     def save_plain_hyperparameters(self, **values: Any) -> None:
         save_plain_hyperparameters(self, inspect.currentframe().f_back, **values)  # type: ignore[union-attr]
@@ -140,7 +137,6 @@ class PolicyModule(PolicyModelsMixin, L.LightningModule):
         if compile_wanted(self.policy_spec, self.device, self.trainer.strategy):
             for model in (self.policy, *self.frozen_models()):
                 compile_decoder_layers(model)
-            self.packed_length_multiple = COMPILED_PACKED_LENGTH_MULTIPLE
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps the schedule spans (the Trainer's estimate unless a subclass knows better)."""

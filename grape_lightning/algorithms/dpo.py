@@ -115,7 +115,7 @@ class DPOModule(PolicyModule):
         return total / sequence_sums(mask, ids, count).clamp(min=1) if self.length_normalize else total
 
     def _batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return padding_free(batch, self.packed_length_multiple) if padding_free_wanted(self.padding_free, self.policy) else batch
+        return padding_free(batch) if padding_free_wanted(self.padding_free, self.policy) else batch
 
     @torch.no_grad()
     def _reference_logps(self, batch: dict[str, Tensor], split: str) -> Tensor:

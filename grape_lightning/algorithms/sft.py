@@ -50,7 +50,7 @@ class SFTModule(PolicyModule):
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         if padding_free_wanted(self.padding_free, self.policy):
-            batch = padding_free(batch, self.packed_length_multiple)
+            batch = padding_free(batch)
         mask = batch["response_mask"].bool()
         # The token mean of the global batch: normalised by every rank's tokens (one all-reduce)
         # times the processes, whose gradient average the strategy takes. The loss is linear in

@@ -73,7 +73,7 @@ def collate_packed(rows: Sequence[dict[str, list[int]]], pad_token_id: int) -> d
     }
 
 
-def padding_free(batch: dict[str, Tensor], multiple_of: int = 1) -> dict[str, Tensor]:
+def padding_free(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """A padded batch as one row of its real tokens: the R rows' tokens back to back ([1, N], N
     their total), ``position_ids`` restarting at 0 with each sequence and no attention mask, so a
     model spends nothing on padding and attention stays inside each sequence
@@ -81,11 +81,6 @@ def padding_free(batch: dict[str, Tensor], multiple_of: int = 1) -> dict[str, Te
     row r in the padded batch; per-sequence sums are sums over equal ids (:func:`sequence_sums`).
     Keys other than the token-aligned ones are kept as they are. A batch without an attention
     mask (already packed) is returned unchanged.
-
-    ``multiple_of`` > 1 rounds N up with a filler sequence of its own (token id 0, positions from 0,
-    no response token, sequence id R, which no per-sequence sum of the R rows counts): compiled
-    decoder layers specialise on N (its alignment, size thresholds of kernel fusion), and a row
-    length that changes every batch would otherwise recompile them again and again.
     """
     if "attention_mask" not in batch:
         return batch
@@ -93,17 +88,9 @@ def padding_free(batch: dict[str, Tensor], multiple_of: int = 1) -> dict[str, Te
     index = real.flatten().nonzero().squeeze(1)  # the one host synchronisation: the count of real tokens
     rows = torch.arange(real.shape[0], device=real.device)[:, None].expand_as(real)
     flat = {key: value for key, value in batch.items() if key != "attention_mask"}
-    filler = -index.numel() % multiple_of
-    for key, value, fill in (("input_ids", batch["input_ids"], None), ("response_mask", batch["response_mask"], None),
-                             ("position_ids", positions_from_mask(real), "positions"), ("sequence_ids", rows, real.shape[0])):
-        packed = value.flatten()[index]
-        if filler:
-            if fill == "positions":
-                tail = torch.arange(filler, dtype=packed.dtype, device=packed.device)
-            else:
-                tail = packed.new_full((filler,), 0 if fill is None else fill)
-            packed = torch.cat([packed, tail])
-        flat[key] = packed[None]
+    for key, value in (("input_ids", batch["input_ids"]), ("response_mask", batch["response_mask"]),
+                       ("position_ids", positions_from_mask(real)), ("sequence_ids", rows)):
+        flat[key] = value.flatten()[index][None]
     return flat
 
 

@@ -20,14 +20,6 @@ from grape_lightning.models.sharding import decoder_layers
 from grape_lightning.models.spec import ModelSpec
 
 
-# Padding-free rows fed to compiled layers are rounded up to a multiple of this many tokens: the
-# compiled kernels specialise on the row length's alignment (a multiple of 8 or not) and on size
-# thresholds, so lengths that change every batch recompiled the layers well into a run (seen on an
-# H200 with variable-length SFT: a 2.4 s step among 0.12 s ones). 128 keeps the filler under ~1%
-# of a row of a few thousand tokens.
-COMPILED_PACKED_LENGTH_MULTIPLE = 128
-
-
 def compile_wanted(spec: ModelSpec, device: torch.device, strategy: object) -> bool:
     """``spec.compile``, or when None: on a CUDA device, under one device or DDP, without LoRA
     (sharded and adapter-wrapped layers keep their eager forward unless asked)."""

@@ -61,27 +61,16 @@ def test_padding_free_batch_holds_only_real_tokens():
     assert cumulative.tolist() == [0, 3, 4, 8] and longest == 4
     values = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert sequence_sums(values, torch.tensor([0, 2, 0, 2]), 3).tolist() == [4.0, 0.0, 6.0]
-    # rounded up to a multiple of 8 by a filler sequence of its own that no row's sum counts
-    rounded = padding_free(collate_prompt_completion(rows, pad_token_id=0), multiple_of=8)
-    assert rounded["input_ids"].tolist() == [batch["input_ids"][0].tolist() + [0, 0, 0, 0]]
-    assert rounded["position_ids"].tolist() == [batch["position_ids"][0].tolist() + [0, 1, 2, 3]]
-    assert rounded["sequence_ids"].tolist() == [batch["sequence_ids"][0].tolist() + [3, 3, 3, 3]]
-    assert rounded["response_mask"].tolist() == [batch["response_mask"][0].tolist() + [0, 0, 0, 0]]
-    assert sequence_boundaries(rounded["position_ids"])[0].tolist() == [0, 3, 7, 12, 16]
-    assert padding_free(collate_prompt_completion(rows[:2], pad_token_id=0), multiple_of=7)["input_ids"].shape == (1, 7)
 
 
-@pytest.mark.parametrize("multiple", [1, 16], ids=["exact", "rounded"])  # 16: the packed row with a filler, as for compiled layers
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_sft_padding_free_gives_the_padded_loss_and_gradients(implementation, multiple):
+def test_sft_padding_free_gives_the_padded_loss_and_gradients(implementation):
     generator = torch.Generator().manual_seed(1)
     padded = SFTModule(tiny_spec(dtype="float64", attn_implementation=implementation), padding_free=False)
     free = SFTModule(tiny_spec(dtype="float64", attn_implementation=implementation), padding_free=True)
-    free.packed_length_multiple = multiple
     free.policy.load_state_dict(padded.policy.state_dict())
     pairs = _random_pairs(generator, 7, padded.policy.config.vocab_size)
     batch = collate_prompt_completion(pairs, pad_token_id=padded.tokenizer.pad_token_id)
-    assert multiple == 1 or int(batch["attention_mask"].sum()) % multiple  # the rounded row has a filler
     result = _loss_and_gradients(padded, batch)
     # the hand value: token mean of -log pi over the completions, from each pair scored alone
     nll, count = 0.0, 0
@@ -95,14 +84,13 @@ def test_sft_padding_free_gives_the_padded_loss_and_gradients(implementation, mu
     _assert_same(result, _loss_and_gradients(free, batch))
 
 
-@pytest.mark.parametrize("loss_type, sft_weight, multiple", [("sigmoid", 0.5, 1), ("ipo", 0.0, 1), ("sigmoid", 0.5, 16)])
+@pytest.mark.parametrize("loss_type, sft_weight", [("sigmoid", 0.5), ("ipo", 0.0)])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_dpo_padding_free_gives_the_padded_loss_and_gradients(implementation, loss_type, sft_weight, multiple):
+def test_dpo_padding_free_gives_the_padded_loss_and_gradients(implementation, loss_type, sft_weight):
     generator = torch.Generator().manual_seed(2)
     options = dict(loss_type=loss_type, sft_weight=sft_weight, beta=0.5)
     padded = DPOModule(tiny_spec(dtype="float64", attn_implementation=implementation), padding_free=False, **options)
     free = DPOModule(tiny_spec(dtype="float64", attn_implementation=implementation), padding_free=True, **options)
-    free.packed_length_multiple = multiple
     with torch.no_grad():
         for parameter in padded.policy.parameters():  # a policy apart from its reference
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
@@ -114,10 +102,8 @@ def test_dpo_padding_free_gives_the_padded_loss_and_gradients(implementation, lo
         items.append({"pair_id": pair_id, "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "margin": 0.0})
     batch = collate_pairs(items, pad_token_id=padded.tokenizer.pad_token_id)
     result = _loss_and_gradients(padded, batch)
-    free_batch = padding_free(batch, multiple)
-    real = int(batch["attention_mask"].sum())
-    assert multiple == 1 or real % multiple  # the rounded row has a filler
-    assert free_batch["input_ids"].shape == (1, real + (-real % multiple))
+    free_batch = padding_free(batch)
+    assert free_batch["input_ids"].shape == (1, int(batch["attention_mask"].sum()))
     _assert_same(result, _loss_and_gradients(free, batch))
     # sequence log-probs, policy and reference, from the packed row equal those of each sequence alone
     with torch.no_grad():
