@@ -73,14 +73,12 @@ from grape_lightning.models.loading import load_causal_lm, load_tokenizer
 from grape_lightning.models.logprobs import positions_from_mask
 from grape_lightning.models.tokenizer_check import save_tokenizer
 from grape_lightning.rewards.critics import JudgeRequest, LocalLMCritic
-from grape_lightning.rollout import SamplingParams
-from grape_lightning.rollout.kv_cache_engine import KVCacheEngine
+from policy_samples import sample_policy_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "grape_lightning" / "assets" / "tiny-addition-critic"
 DEFAULT_REPORT = ROOT / "docs" / "critic_report.json"
 ADDITION = dict(digits=2, operators="+", num_train=3000, num_val=200)  # configs/grape.yaml's task
-POLICY = ModelSpec(name_or_path="grape/tiny-addition-sft")
 TINY_QWEN2 = {
     "model_type": "qwen2",
     "hidden_size": 64,
@@ -135,26 +133,6 @@ QUESTIONS = (
 
 
 # -- responses ---------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_policy_answers(examples: list[Example], samples: int, seed: int) -> dict[str, list[str]]:
-    """``samples`` answers of grape/tiny-addition-sft to each prompt, as configs/grape.yaml samples them."""
-    tokenizer = load_tokenizer(POLICY)
-    policy = load_causal_lm(POLICY, tokenizer).eval()
-    engine = KVCacheEngine(tokenizer)
-    generator = torch.Generator().manual_seed(seed)
-    answers: dict[str, list[str]] = {}
-    for start in range(0, len(examples), 256):
-        repeated = [example for example in examples[start : start + 256] for _ in range(samples)]
-        prompt_ids = [encode_prompt(tokenizer, example.prompt, chat_template=False) for example in repeated]
-        generation = engine.generate(policy, prompt_ids, SamplingParams(max_new_tokens=6, temperature=1.0), generator)
-        responses = tokenizer.batch_decode(
-            [ids[mask].tolist() for ids, mask in zip(generation.input_ids, generation.response_mask)], skip_special_tokens=True
-        )
-        for example, response in zip(repeated, responses):
-            answers.setdefault(example.prompt, []).append(response)
-    return answers
-
-
 def synthetic_response(example: Example, rng: random.Random) -> str:
     """The right sum, a near miss, an off-by-tens answer or a malformed one."""
     value = int(example.answer)

@@ -30,23 +30,18 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from grape_lightning.algorithms import OptimizerConfig, RewardModelModule, SFTModule
 from grape_lightning.data import PreferenceDataModule, SFTDataModule
-from grape_lightning.data.formatting import encode_prompt
 from grape_lightning.data.tasks import ArithmeticTask
 from grape_lightning.data.tasks.base import Example
 from grape_lightning.evaluation import greedy_task_score
 from grape_lightning.models import ModelSpec
-from grape_lightning.models.loading import load_causal_lm, load_tokenizer
 from grape_lightning.rewards import RewardModelScore
-from grape_lightning.rollout import SamplingParams
-from grape_lightning.rollout.kv_cache_engine import KVCacheEngine
+from policy_samples import POLICY, sample_policy_answers
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "grape_lightning" / "assets" / "tiny-addition-rm"
 ADDITION = dict(digits=2, operators="+", num_train=3000, num_val=200)
-POLICY = ModelSpec(name_or_path="grape/tiny-addition-sft")
 
 
 class PolicyNegatives(ArithmeticTask):
@@ -89,27 +84,14 @@ def fine_tune_trunk(task: ArithmeticTask, steps: int, seed: int, directory: Path
     return ModelSpec(name_or_path=str(directory))
 
 
-@torch.no_grad()
 def sample_wrong_answers(task: ArithmeticTask, samples: int, seed: int) -> dict[str, list[str]]:
     """The distinct wrong answers among ``samples`` answers of the policy to every prompt."""
-    tokenizer = load_tokenizer(POLICY)
-    policy = load_causal_lm(POLICY, tokenizer).eval()
-    engine = KVCacheEngine(tokenizer)
-    generator = torch.Generator().manual_seed(seed)
-    wrong: dict[str, list[str]] = {}
     examples = task.examples("train") + task.examples("val")
-    for start in range(0, len(examples), 256):
-        repeated = [example for example in examples[start : start + 256] for _ in range(samples)]
-        prompt_ids = [encode_prompt(tokenizer, example.prompt, chat_template=False) for example in repeated]
-        generation = engine.generate(policy, prompt_ids, SamplingParams(max_new_tokens=6, temperature=1.0), generator)
-        responses = tokenizer.batch_decode(
-            [ids[mask].tolist() for ids, mask in zip(generation.input_ids, generation.response_mask)], skip_special_tokens=True
-        )
-        for example, response in zip(repeated, responses):
-            answers = wrong.setdefault(example.prompt, [])
-            if response.strip() and task.verify(response, example.answer) == 0.0 and response not in answers:
-                answers.append(response)
-    return wrong
+    references = {example.prompt: example.answer for example in examples}
+    return {
+        prompt: list(dict.fromkeys(a for a in answers if a.strip() and task.verify(a, references[prompt]) == 0.0))
+        for prompt, answers in sample_policy_answers(examples, samples, seed).items()
+    }
 
 
 def favourite_is_right(reward: RewardModelScore, task: ArithmeticTask) -> float:
