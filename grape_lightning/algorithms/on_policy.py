@@ -390,10 +390,8 @@ class OnPolicyModule(PolicyModule):
         there): ``mismatch_kl`` (k3 estimate of KL(pi_sampler || pi_old)), ``mismatch_ratio_max``
         (of pi_old / pi_sampler), ``mismatch_abs_max`` (of l_old - l_samp) and, with a correction,
         ``mismatch_corrected`` (the share of tokens truncated or dropped)."""
-        # pi_old's log-probs are the sampler's own where they are read off the update's pass (the
-        # same tensor, or an equal copy after dynamic sampling's select and concat): nothing to compare
-        recomputed = self.needs_old_logprobs and rollout.old_logprobs is not rollout.sampling_logprobs
-        if rollout.sampling_logprobs is None or not recomputed:
+        # (until recomputed, pi_old's log-probs are the sampler's own tensor: nothing to compare)
+        if rollout.sampling_logprobs is None or rollout.old_logprobs is rollout.sampling_logprobs:
             return
         sums, maxima = mismatch_statistics(rollout.old_logprobs, rollout.sampling_logprobs, rollout.trained_mask, self.mismatch)
         count, k3, corrected = self.sum_across_processes(sums).tolist()

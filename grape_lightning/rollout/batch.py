@@ -91,6 +91,8 @@ class Rollout:
             values[item.name] = value
         if groups is not None:
             values["groups"] = groups.to(self.groups.device)
+        if self.sampling_logprobs is self.old_logprobs:  # pi_old's are the sampler's: still one tensor
+            values["sampling_logprobs"] = values["old_logprobs"]
         return Rollout(**values)
 
     @staticmethod
@@ -142,11 +144,14 @@ class Rollout:
             weighted = [(rollout.statistics[name], n) for rollout, n in zip(rollouts, rows) if name in rollout.statistics]
             statistics[name] = sum(value * n for value, n in weighted) / max(sum(n for _, n in weighted), 1)
         generated = [rollout.generated_tokens for rollout in rollouts]
+        old_logprobs = per_token("old_logprobs", 0.0)
+        # where every part's pi_old log-probs are its sampler's, the whole's are too: one tensor
+        same = all(rollout.sampling_logprobs is rollout.old_logprobs for rollout in rollouts)
         return Rollout(
             input_ids=per_token("input_ids", pad_id),
             attention_mask=per_token("attention_mask", 0),
             response_mask=per_token("response_mask", False),
-            old_logprobs=per_token("old_logprobs", 0.0),
+            old_logprobs=old_logprobs,
             rewards=torch.cat([rollout.rewards for rollout in rollouts]),
             valid=torch.cat([rollout.valid for rollout in rollouts]),
             groups=torch.cat(groups),
@@ -157,7 +162,7 @@ class Rollout:
             reward_confidences={name: torch.cat([rollout.reward_confidences[name] for rollout in rollouts]) for name in confidence_names},
             correct=per_row("correct"),
             ref_logprobs=per_token("ref_logprobs", 0.0),
-            sampling_logprobs=per_token("sampling_logprobs", 0.0),
+            sampling_logprobs=old_logprobs if same else per_token("sampling_logprobs", 0.0),
             off_policy=per_row("off_policy"),
             details=[d for rollout in rollouts for d in rollout.details] if all(rollout.details for rollout in rollouts) else [],
             statistics=statistics,
