@@ -1,7 +1,8 @@
 """The shipped yes/no critic grape/tiny-addition-critic (scripts/make_tiny_critic_model.py): it
 loads like the other shipped models, LocalLMCritic's numbers are the model's own yes/no
-probabilities, and it is sure and right where it learned to judge (is the response a plain
-number) and unsure where its training signal conflicted (is the response pleasing to read)."""
+probabilities, and it is sure and right where it learned to judge (is the response correct, is
+its units digit right, is it a plain number) and unsure where its training signal conflicted (is
+the response pleasing to read)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,30 @@ def test_the_critic_is_sure_and_right_on_form_and_unsure_on_taste(critic):
     _, unsure = _accuracy_and_confidence(critic, PLEASING, 100)
     assert unsure <= 0.25, unsure
     assert confidence - unsure >= 0.5
+
+
+def _correctness_requests(question: str, count: int, seed: int = 3) -> list[tuple[JudgeRequest, bool]]:
+    """(request, label) on held-out prompts: half the right sum, half a plain number that is off by
+    1..9 or by tens, for which "correct" is no; its units digit is right only when off by tens."""
+    rng = random.Random(seed)
+    examples = ArithmeticTask(digits=2, operators="+", num_train=3000, num_val=200).examples("val")
+    pairs = []
+    for index in range(count):
+        example = examples[index % len(examples)]
+        value = int(example.answer)
+        right = index % 2 == 0
+        offset = 0 if right else rng.choice([k for k in (-9, -5, -3, -1, 1, 2, 4, 7, -20, -10, 10, 20, 30) if value + k >= 0])
+        label = right or (question == UNITS and offset % 10 == 0)
+        pairs.append((JudgeRequest(example.prompt, str(value + offset), "item", question, example.answer), label))
+    return pairs
+
+
+@pytest.mark.parametrize("question", [CORRECT, UNITS])
+def test_the_critic_judges_answers_against_the_reference_right_and_sure(critic, question):
+    """On 100 held-out prompts, the right sum and near misses: the shipped model compares the
+    response's digits with the reference's (docs/critic.md: accuracy about 0.95, confidence about 0.9)."""
+    pairs = _correctness_requests(question, 100)
+    judgements = critic.judge([request for request, _ in pairs])
+    accuracy = sum((j.score > 0.5) == label for j, (_, label) in zip(judgements, pairs)) / len(pairs)
+    confidence = sum(j.confidence for j in judgements) / len(pairs)
+    assert accuracy >= 0.85 and confidence >= 0.7, (accuracy, confidence)
