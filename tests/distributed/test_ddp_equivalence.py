@@ -31,7 +31,7 @@ by its running agreement with the verified one, and the per-item statistics; dis
 task reward, so only responses with a valid reward train, with a discounted KL return-to-go), where the update loop
 pads the shorter rank with zero-weighted passes so the backward all-reduces pair up.
 
-Run by the tests as ``python -m tests.distributed.test_ddp_equivalence <algorithm> <devices> <out_dir> <ddp|fsdp2>``.
+Run by the tests as ``python -m tests.distributed.test_ddp_equivalence <algorithm,algorithm,...> <devices> <out_dir> <ddp|fsdp2>``, several algorithms a launch.
 """
 
 from __future__ import annotations
@@ -291,41 +291,68 @@ class RecordLosses(L.Callback):
         torch.save({"losses": self.losses, "policy": state, "metrics": metrics, "kept": kept}, self.out / f"rank{trainer.global_rank}.pt")
 
 
-def main(algorithm: str, devices: int, out: str, strategy: str) -> None:
+def main(algorithms: str, devices: int, out: str, strategy: str) -> None:
+    """Trains each of the comma-separated ``algorithms`` in turn in these processes (one launch
+    for many: most of a launch is starting Python and importing), each from the same seed, its
+    ranks' records under ``out/<algorithm>``."""
     import grape_lightning  # noqa: F401  registers the strategy name fsdp2
 
-    L.seed_everything(0)
-    module, data = _setup(algorithm, devices)
-    if devices == 1:
-        strategy = "auto"
-    trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[RecordLosses(Path(out))],
-    )
-    trainer.fit(module, data)
+    for algorithm in algorithms.split(","):
+        L.seed_everything(0)
+        module, data = _setup(algorithm, devices)
+        (Path(out) / algorithm).mkdir(parents=True, exist_ok=True)
+        trainer = L.Trainer(
+            accelerator="cpu", devices=devices, strategy="auto" if devices == 1 else strategy, max_steps=STEPS,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[RecordLosses(Path(out) / algorithm)],
+        )
+        trainer.fit(module, data)
 
 
-def _run(algorithm: str, devices: int, out: Path, strategy: str = "ddp") -> list[dict]:
+def _run(algorithms: list[str], devices: int, out: Path, strategy: str = "ddp") -> dict[str, list[dict]]:
+    """{algorithm: its ranks' records} of one launch of :func:`main` on ``devices`` processes."""
     out.mkdir(parents=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "tests.distributed.test_ddp_equivalence", algorithm, str(devices), str(out), strategy]
-    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "tests.distributed.test_ddp_equivalence", ",".join(algorithms), str(devices), str(out), strategy]
+    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=120 + 60 * len(algorithms))
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(devices)]
+    return {algorithm: [torch.load(out / algorithm / f"rank{rank}.pt") for rank in range(devices)] for algorithm in algorithms}
 
 
-@pytest.mark.parametrize(
-    "algorithm, strategy",
-    [
-        ("grpo", "ddp"), ("grape", "ddp"), ("reinforce", "ddp"), ("rejection_sampling", "ddp"), ("ppo", "ddp"), ("trpo", "ddp"),
-        ("dpo", "ddp"), ("gspo", "ddp"), ("cispo", "ddp"), ("dapo", "ddp"), ("reinforce_pp", "ddp"), ("grpo_tis", "ddp"),
-        ("distill", "ddp"), ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"), ("dapo", "fsdp2"),
-    ],
-)
-def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorithm, strategy, tmp_path):
-    (single,) = _run(algorithm, 1, tmp_path / "single")
-    ranks = _run(algorithm, 2, tmp_path / strategy, strategy)
+CASES = [
+    ("grpo", "ddp"), ("grape", "ddp"), ("reinforce", "ddp"), ("rejection_sampling", "ddp"), ("ppo", "ddp"), ("trpo", "ddp"),
+    ("dpo", "ddp"), ("gspo", "ddp"), ("cispo", "ddp"), ("dapo", "ddp"), ("reinforce_pp", "ddp"), ("grpo_tis", "ddp"),
+    ("distill", "ddp"), ("grpo", "fsdp2"), ("grpo_tied", "fsdp2"), ("sft", "fsdp2"), ("dapo", "fsdp2"),
+]
+
+
+@pytest.fixture(scope="module")
+def trained(request, tmp_path_factory):
+    """(algorithm, strategy) -> (the one-process records, the two ranks' records). The cases this
+    session selected run together: every one-process reference in one launch, and the two-process
+    runs in one launch per strategy."""
+    selected = sorted({
+        tuple(item.callspec.params[name] for name in ("algorithm", "strategy"))
+        for item in request.session.items
+        if item.module is request.module and getattr(item, "originalname", "") == "test_two_processes_take_the_steps_of_one_process_on_the_global_batch"
+    })
+    root = tmp_path_factory.mktemp("equivalence")
+    cache: dict = {}
+
+    def get(algorithm: str, strategy: str) -> tuple[dict, list[dict]]:
+        if "single" not in cache:
+            cache["single"] = _run(sorted({a for a, _ in selected}), 1, root / "single")
+        if strategy not in cache:
+            cache[strategy] = _run([a for a, s in selected if s == strategy], 2, root / strategy, strategy)
+        (single,) = cache["single"][algorithm]
+        return single, cache[strategy][algorithm]
+
+    return get
+
+
+@pytest.mark.parametrize("algorithm, strategy", CASES)
+def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorithm, strategy, trained):
+    single, ranks = trained(algorithm, strategy)
     for name, tensor in ranks[0]["policy"].items():
         assert torch.equal(tensor, ranks[1]["policy"][name]), name  # bit-identical across ranks
     assert ranks[0]["losses"] == ranks[1]["losses"]
