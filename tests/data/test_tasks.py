@@ -35,7 +35,7 @@ def test_golden_prompts_pin_the_seeded_streams():
     assert [e.prompt for e in reverse.examples("train")[:2]] == ["reverse qfiha:", "reverse zsp:"]
     assert [e.prompt for e in SortTask().examples("val")[:2]] == ["sort pujm:", "sort mnnjn:"]
     assert [e.prompt for e in WordProblemTask().examples("val")[:2]] == [
-        "Eve has 17 eggs, loses 17, finds 1. How many?", "Bob has 14 cards, sells 12, loses 1. How many?"]
+        "Eve has 9 eggs, loses 9, finds 1. How many?", "Bob has 7 cards, sells 6, loses 1. How many?"]
 
 
 def test_split_sizes_distinct_prompts_and_no_val_prompt_in_train(task):

@@ -37,7 +37,7 @@ class WordProblemTask(Task):
     name = "word_problem"
     category = "math"
 
-    def __init__(self, seed: int = 0, num_train: int = 2000, num_val: int = 200, max_value: int = 20) -> None:
+    def __init__(self, seed: int = 0, num_train: int = 2000, num_val: int = 200, max_value: int = 10) -> None:
         if max_value < 1:
             raise ValueError(f"WordProblemTask: max_value must be >= 1, got {max_value}")
         super().__init__(seed=seed, num_train=num_train, num_val=num_val)
