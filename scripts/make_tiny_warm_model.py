@@ -56,8 +56,8 @@ class WarmBuild:
 
 BUILDS = {
     "addition": WarmBuild(lambda: ArithmeticTask(digits=2, operators="+", num_train=3000, num_val=200), 400, 32, 8),
-    "word_problem": WarmBuild(lambda: WordProblemTask(max_value=10, num_train=3000, num_val=200), 1000, 56, 6),
-    "sort": WarmBuild(lambda: SortTask(min_length=3, max_length=6, num_train=3000, num_val=200), 1000, 24, 10),
+    "word_problem": WarmBuild(lambda: WordProblemTask(max_value=10, num_train=3000, num_val=200), 600, 56, 6),
+    "sort": WarmBuild(lambda: SortTask(min_length=3, max_length=6, num_train=3000, num_val=200), 75, 24, 10),
 }
 
 
