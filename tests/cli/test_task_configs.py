@@ -62,3 +62,26 @@ def test_grape_fit_runs_grpo_steps_from_the_warm_model(path, tmp_path):
     assert 0.0 <= float(cli.trainer.callback_metrics["val/accuracy"]) <= 1.0
     checkpoint = tmp_path / "runs" / path.stem / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 2
+
+
+FAMILIES = {"word_problem": "WordProblemTask", "sort": "SortTask"}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("config", ["sft", "dpo", "reward_model"])
+def test_the_offline_algorithms_train_on_each_family_by_swapping_the_task(config, family, tmp_path):
+    """SFT (demonstrations), DPO and the reward model (preference pairs) take a new family as they
+    take addition: only the task (and a max_length that holds its longest prompt) changes."""
+    override = {
+        "trainer": {"max_steps": 1, "val_check_interval": 1, "limit_val_batches": 1, "enable_progress_bar": False,
+                    "callbacks": []},
+        "checkpoint": {"every_n_train_steps": 1},
+        "data": {"init_args": {"max_length": 64, "batch_size": 4, "val_batch_size": 4, "task": {
+            "class_path": f"grape_lightning.data.tasks.{FAMILIES[family]}", "init_args": {"num_train": 8, "num_val": 4}}}},
+    }
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+    cli, output = grape_here("fit", "--config", str(ROOT / f"configs/{config}.yaml"), "--config", "override.yaml", cwd=tmp_path)
+    assert type(cli.datamodule.task).__name__ == FAMILIES[family]
+    assert config != "sft" or "; 0 truncated, 0 skipped" in output, output[-2000:]  # max_length holds every pair
+    checkpoint = tmp_path / "runs" / config / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 1
