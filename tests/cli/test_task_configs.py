@@ -85,3 +85,36 @@ def test_the_offline_algorithms_train_on_each_family_by_swapping_the_task(config
     assert config != "sft" or "; 0 truncated, 0 skipped" in output, output[-2000:]  # max_length holds every pair
     checkpoint = tmp_path / "runs" / config / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 1
+
+
+def test_the_task_rubric_routes_each_family_to_its_category_and_checks_its_answers():
+    """configs/rubrics/tasks.yaml: word problems to "math", sorting to "string"; the correct item
+    gives the reference answer 1 and the preference pair's rejected answer 0."""
+    from grape_lightning.data.tasks import SortTask, WordProblemTask
+    from grape_lightning.rewards.rubric import load_rubric
+    from grape_lightning.rewards.rubric_scorer import verifier_for
+
+    rubric = load_rubric(ROOT / "configs/rubrics/tasks.yaml")
+    for task, category in ((WordProblemTask(num_train=20, num_val=5), "math"), (SortTask(num_train=20, num_val=5), "string")):
+        rows = task.preference_rows("train")
+        assert {rubric.category_of(row["metadata"]) for row in rows} == {category}
+        (correct,) = [item for item in rubric.categories[category] if item.name == "correct"]
+        check = verifier_for(correct)
+        metadata = [row["metadata"] for row in rows]
+        assert check([""] * len(rows), [row["chosen"] for row in rows], metadata) == [1.0] * len(rows)
+        assert check([""] * len(rows), [row["rejected"] for row in rows], metadata) == [0.0] * len(rows)
+    (word,) = [item for item in rubric.categories["string"] if item.name == "lowercase_word"]
+    assert verifier_for(word)(["", "", ""], ["abc", " abc\n", "a b"], [{}, {}, {}]) == [1.0, 1.0, 0.0]
+
+
+def test_grape_runs_on_the_sort_family_with_the_task_rubric(tmp_path):
+    """The command in configs/rubrics/tasks.yaml, for one step: no critic, the string category's items."""
+    _, output = grape_here(
+        "fit", "--config", str(ROOT / "configs/grape.yaml"), "--model.init_args.rubric", str(ROOT / "configs/rubrics/tasks.yaml"),
+        "--model.init_args.critics", "{}", "--model.init_args.accuracy", "string/correct",
+        "--model.init_args.sampling.max_new_tokens", "8", "--model.init_args.policy", '{"name_or_path": "grape/tiny-sort-sft"}',
+        "--data.init_args.task", '{"class_path": "grape_lightning.data.tasks.SortTask", "init_args": {"num_train": 16, "num_val": 8}}',
+        "--data.init_args.batch_size", "4", "--data.init_args.val_batch_size", "8", "--trainer.max_steps", "1",
+        "--trainer.val_check_interval", "1", "--trainer.enable_progress_bar", "false", cwd=tmp_path,
+    )
+    assert "string/correct" in output and "string/lowercase_word" in output and "initial policy: val/accuracy" in output
