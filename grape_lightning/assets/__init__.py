@@ -19,6 +19,12 @@
   read" (conflicting training labels), not reliable on correctness; the critic of
   ``configs/grape.yaml``. Rebuilt by ``scripts/make_tiny_critic_model.py``; its held-out report
   is ``docs/critic.md``.
+- ``grape/tiny-word_problem-sft`` and ``grape/tiny-sort-sft``: the same tiny shape and tokenizer,
+  briefly fine-tuned on :class:`~grape_lightning.data.tasks.WordProblemTask` and
+  :class:`~grape_lightning.data.tasks.SortTask` (some of the validation prompts right under greedy
+  decoding; the numbers are in the script); the starting points of
+  ``configs/tasks/word_problem_grpo.yaml`` and ``configs/tasks/sort_grpo.yaml``. Rebuilt by
+  ``scripts/make_tiny_warm_model.py --task word_problem`` and ``--task sort``.
 """
 
 from __future__ import annotations

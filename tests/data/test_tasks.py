@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from grape_lightning.data.tasks import TASKS, ArithmeticTask, Example, ReverseTask, Task, build_task
+from grape_lightning.data.char_tokenizer import build_char_tokenizer
+from grape_lightning.data.tasks import TASKS, ArithmeticTask, Example, ReverseTask, SortTask, Task, WordProblemTask, build_task
 
 SMALL = {"num_train": 300, "num_val": 60}
 
@@ -32,6 +33,9 @@ def test_golden_prompts_pin_the_seeded_streams():
     assert [e.prompt for e in arithmetic.examples("train")[:3]] == ["78*75=", "2-4=", "40+0="]
     assert [e.prompt for e in reverse.examples("val")[:2]] == ["reverse lzeasc:", "reverse akxy:"]
     assert [e.prompt for e in reverse.examples("train")[:2]] == ["reverse qfiha:", "reverse zsp:"]
+    assert [e.prompt for e in SortTask().examples("val")[:2]] == ["sort pujm:", "sort mnnjn:"]
+    assert [e.prompt for e in WordProblemTask().examples("val")[:2]] == [
+        "Eve has 9 eggs, loses 9, finds 1. How many?", "Bob has 7 cards, sells 6, loses 1. How many?"]
 
 
 def test_split_sizes_distinct_prompts_and_no_val_prompt_in_train(task):
@@ -66,6 +70,17 @@ def test_metadata_and_reference_answers_verify(task):
                 "split": split,
             }
             assert task.verify(example.answer, example.answer) == 1.0
+
+
+def test_the_char_tokenizer_round_trips_every_prompt_and_answer(task):
+    """The tiny models' tokenizer has an id for every character of every prompt, answer and
+    rejected answer (one id per character), so nothing a task shows or expects is lost."""
+    tokenizer = build_char_tokenizer()
+    texts = [text for split in ("train", "val") for row in task.preference_rows(split) for text in
+             (row["prompt"], row["chosen"], row["rejected"])]
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert len(ids) == len(text) and tokenizer.decode(ids) == text, text
 
 
 def test_sft_rows(task):
@@ -113,7 +128,7 @@ def test_bad_arguments_raise():
 def test_build_task_and_unknown_name():
     task = build_task("reverse", seed=2, num_val=5)
     assert isinstance(task, ReverseTask) and task.seed == 2 and task.num_val == 5
-    with pytest.raises(ValueError, match="arithmetic, reverse"):
+    with pytest.raises(ValueError, match="arithmetic, reverse, sort, word_problem"):
         build_task("sorting")
 
 
@@ -214,3 +229,95 @@ def test_reverse_wrong_answer_for_plain_words_and_palindromes():
         assert sum(x != y for x, y in zip(wrong, answer, strict=True)) == 1
     single = ReverseTask(alphabet="a")
     assert single.wrong_answer(Example("reverse aaa:", "aaa", {}), rng) == "aaaa"
+
+
+# Word problems
+
+
+_WORD_PROBLEM = re.compile(r"([A-Z][a-z]+) has (\d+) ([a-z]+), ([a-z]+) (\d+), ([a-z]+) (\d+)\. How many\?")
+
+
+def test_word_problem_answers_are_the_count_after_both_changes():
+    """Recomputed from the words: gains add, losses subtract, and no loss takes more than is held."""
+    from grape_lightning.data.tasks.word_problem import GAINS, LOSSES
+
+    task = WordProblemTask(max_value=9, **SMALL)
+    signs = set()
+    for example in task.examples("train") + task.examples("val"):
+        match = _WORD_PROBLEM.fullmatch(example.prompt)
+        assert match, example.prompt
+        held = int(match[2])
+        assert 1 <= held <= 9
+        for verb, amount in ((match[4], int(match[5])), (match[6], int(match[7]))):
+            assert verb in GAINS + LOSSES and 1 <= amount <= 9
+            assert verb in GAINS or amount <= held
+            held += amount if verb in GAINS else -amount
+            signs.add(verb in GAINS)
+        assert example.answer == str(held)
+    assert signs == {True, False}
+
+
+def test_word_problem_wrong_answers_are_one_slip_away():
+    task = WordProblemTask()
+    rng = random.Random(0)
+    example = Example("Tom has 7 pens, buys 5, gives 3. How many?", "9", {})
+    # slips: 7+5 = 12, 7-5-3 = -1 (negative: left out), 7+5+3 = 15
+    assert {task.wrong_answer(example, rng) for _ in range(100)} == {"12", "15"}
+    lone = Example("Ann has 1 eggs, loses 1, finds 1. How many?", "1", {})  # slips: 0, 3, -1
+    assert {task.wrong_answer(lone, rng) for _ in range(100)} == {"0", "3"}
+    with pytest.raises(ValueError, match="not a word-problem prompt"):
+        task.wrong_answer(Example("7+5=", "12", {}), rng)
+
+
+@pytest.mark.parametrize(
+    ("response", "reward"),
+    [("9", 1.0), (" 09 \n12", 1.0), ("+9", 1.0), ("9 pens", 0.0), ("9.0", 0.0), ("nine", 0.0), ("", 0.0), ("8", 0.0)],
+)
+def test_word_problem_verify(response, reward):
+    assert WordProblemTask().verify(response, "9") == reward
+
+
+def test_word_problem_bad_arguments_raise():
+    with pytest.raises(ValueError, match="max_value"):
+        WordProblemTask(max_value=0)
+
+
+# Sort
+
+
+def test_sort_prompts_and_answers():
+    task = SortTask(min_length=2, max_length=4, alphabet="xyz", num_train=50, num_val=10)
+    lengths = set()
+    for example in task.examples("train") + task.examples("val"):
+        match = re.fullmatch(r"sort ([xyz]+):", example.prompt)
+        assert match, example.prompt
+        assert sorted(example.answer) == sorted(match[1])  # the same letters
+        assert all(a <= b for a, b in zip(example.answer, example.answer[1:]))  # in order
+        lengths.add(len(match[1]))
+    assert lengths == {2, 3, 4}
+
+
+@pytest.mark.parametrize(
+    ("response", "reward"),
+    [("abcd", 1.0), (" abcd \nmore", 1.0), ("abdc", 0.0), ("a b c d", 0.0), ("ABCD", 0.0), ("abc", 0.0), ("", 0.0)],
+)
+def test_sort_verify(response, reward):
+    assert SortTask().verify(response, "abcd") == reward
+
+
+def test_sort_wrong_answer_swaps_two_neighbours_or_changes_a_repeated_letter():
+    task = SortTask()
+    rng = random.Random(0)
+    wrong = {task.wrong_answer(Example("sort cbba:", "abbc", {}), rng) for _ in range(100)}
+    assert wrong == {"babc", "abcb"}
+    for answer in ("aaa", "z"):
+        changed = task.wrong_answer(Example(f"sort {answer}:", answer, {}), rng)
+        assert len(changed) == len(answer) and sum(x != y for x, y in zip(changed, answer, strict=True)) == 1
+    assert SortTask(alphabet="a").wrong_answer(Example("sort aa:", "aa", {}), rng) == "aaa"
+
+
+def test_sort_bad_arguments_raise():
+    with pytest.raises(ValueError, match="min_length"):
+        SortTask(min_length=0)
+    with pytest.raises(ValueError, match="alphabet"):
+        SortTask(alphabet="a b")

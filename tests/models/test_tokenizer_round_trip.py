@@ -73,7 +73,7 @@ def test_char_tokenizer_saved_with_a_model_reloads_identically(tmp_path, model_t
         assert reloaded.chat_template == chat_template
 
 
-@pytest.mark.parametrize("name", ["grape/tiny-addition-sft", "grape/tiny-addition-rm"])
+@pytest.mark.parametrize("name", ["grape/tiny-addition-sft", "grape/tiny-addition-rm", "grape/tiny-word_problem-sft", "grape/tiny-sort-sft"])
 def test_shipped_models_reload_the_char_tokenizer_they_were_trained_with(name):
     from grape_lightning.models.loading import resolve_name
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 from grape_lightning.data.tasks.arithmetic import ArithmeticTask
 from grape_lightning.data.tasks.base import Example, Task
 from grape_lightning.data.tasks.reverse import ReverseTask
+from grape_lightning.data.tasks.sort import SortTask
+from grape_lightning.data.tasks.word_problem import WordProblemTask
 
-TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "reverse": ReverseTask}
+TASKS: dict[str, type[Task]] = {
+    task.name: task for task in (ArithmeticTask, ReverseTask, SortTask, WordProblemTask)
+}
 
 
 def build_task(name: str, **kwargs) -> Task:
@@ -16,4 +20,4 @@ def build_task(name: str, **kwargs) -> Task:
     return TASKS[name](**kwargs)
 
 
-__all__ = ["TASKS", "ArithmeticTask", "Example", "ReverseTask", "Task", "build_task"]
+__all__ = ["TASKS", "ArithmeticTask", "Example", "ReverseTask", "SortTask", "Task", "WordProblemTask", "build_task"]

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import random
-import re
 
-from grape_lightning.data.tasks.base import Example, Task, first_line
+from grape_lightning.data.tasks.base import Example, Task, integer_matches
 
 OPERATORS = "+-*"
-_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 class ArithmeticTask(Task):
@@ -68,10 +66,7 @@ class ArithmeticTask(Task):
         Numeric comparison accepts ``"+22"`` or ``"022"`` for 22; anything that is not a plain
         integer (``"22.0"``, ``"22 apples"``) scores 0.
         """
-        line = first_line(response)
-        if not _INTEGER.fullmatch(line):
-            return 0.0
-        return float(int(line) == int(answer))
+        return integer_matches(response, answer)
 
     def wrong_answer(self, example: Example, rng: random.Random) -> str:
         """The answer moved by a nonzero offset in [-10, 10], negative only if the task can be."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -157,3 +158,18 @@ class Task(ABC):
 def first_line(response: str) -> str:
     """The first line of ``response`` after dropping surrounding whitespace, itself stripped."""
     return response.strip().split("\n", 1)[0].strip()
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def integer_matches(response: str, answer: str) -> float:
+    """1.0 when the response's first line is a plain integer equal to ``answer``, else 0.0.
+
+    Numeric comparison accepts ``"+22"`` or ``"022"`` for 22; anything that is not a plain
+    integer (``"22.0"``, ``"22 apples"``) scores 0.
+    """
+    line = first_line(response)
+    if not _INTEGER.fullmatch(line):
+        return 0.0
+    return float(int(line) == int(answer))
