@@ -9,7 +9,9 @@ from lightning.pytorch.utilities import rank_zero_info
 class RunSummary(L.Callback):
     """At the end of ``fit``: validation ``metric`` of the initial policy (logged at step 0 by the
     on-policy modules, and for SFT and DPO by :class:`GreedyTaskAccuracy`) and of the final one,
-    the wall time, and the TensorBoard log directory.
+    the wall time, the TensorBoard log directory, and the failure signatures of
+    :mod:`grape_lightning.diagnostics` that the run's ``train/`` metrics show (each also logged as
+    ``diagnostics/<signature>`` = 1 or 0).
 
     Args:
         metric: validation metric reported before and after training.
@@ -18,11 +20,19 @@ class RunSummary(L.Callback):
     def __init__(self, metric: str = "val/accuracy") -> None:
         self.metric = metric
         self._start_time = 0.0
+        self.history: dict[str, list[tuple[int, float]]] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import time
 
         self._start_time = time.perf_counter()
+        self.history = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        # the step's values, as the module logged them (on_step): the signatures need their history
+        for name, value in trainer.callback_metrics.items():
+            if name.startswith("train/") and value.numel() == 1:
+                self.history.setdefault(name, []).append((trainer.global_step, float(value)))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import time
@@ -33,7 +43,14 @@ class RunSummary(L.Callback):
         minutes = (time.perf_counter() - self._start_time) / 60
         parts = [f"{self.metric}: before {before:.3f}" if before is not None else f"{self.metric}: before n/a"]
         parts.append(f"after {float(after):.3f}" if after is not None else "after n/a")
+        from grape_lightning.diagnostics import failure_flags
+
+        flags = failure_flags(self.history)
+        if self.history and trainer.logger is not None:
+            trainer.logger.log_metrics({f"diagnostics/{k}": float(v is not None) for k, v in flags.items()}, step=trainer.global_step)
+        warnings = "".join(f"\nWARNING {name}: {flag}" for name, flag in flags.items() if flag is not None)
         rank_zero_info(
             f"\n{' -> '.join(parts)} ({trainer.global_step} steps, {minutes:.1f} min)\n"
             f"TensorBoard logs: {log_dir}  (tensorboard --logdir {trainer.default_root_dir if log_dir is None else log_dir})"
+            f"{warnings}"
         )
