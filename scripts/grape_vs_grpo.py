@@ -122,8 +122,8 @@ def run_config(out: Path, critic: str, arm: str, seed: int, args: argparse.Names
     }
 
 
-def launch(out: Path, critic: str, arm: str, seed: int, args: argparse.Namespace) -> tuple[str, Path, dict]:
-    return run_name(critic, arm, seed), BASE_CONFIG, run_config(out, critic, arm, seed, args)
+def launch(out: Path, critic: str, arm: str, seed: int, args: argparse.Namespace) -> tuple[str, Path, dict, int]:
+    return run_name(critic, arm, seed), BASE_CONFIG, run_config(out, critic, arm, seed, args), args.steps
 
 
 def train_all(out: Path, args: argparse.Namespace) -> None:
@@ -131,7 +131,7 @@ def train_all(out: Path, args: argparse.Namespace) -> None:
     (out / "rubrics" / "judged.yaml").write_text(json.dumps(JUDGED_RUBRIC, indent=1) + "\n")
     (out / "rubrics" / "verified.yaml").write_text(json.dumps(VERIFIED_RUBRIC, indent=1) + "\n")
     todo = [launch(out, *run, args) for run in runs(args.critics, args.arms, args.seeds)]
-    run_all(out, todo, args.steps, args.jobs, args.threads)
+    run_all(out, todo, args.jobs, args.threads)
 
 
 def collect(out: Path, args: argparse.Namespace) -> dict:

@@ -7,7 +7,11 @@
 
 Algorithms (``ALGORITHMS``): the on-policy RL configs in configs/ (grpo, grape, reinforce, rloo,
 reinforce_pp, ppo, trpo, rejection_sampling, gspo, cispo, dapo), each with its own settings and
-step budget (``--steps`` / ``--val-every`` override every one). Distillation (configs/distill.yaml)
+step budget (``--steps`` / ``--val-every`` override every one). ``max_steps`` counts optimizer
+steps and ``val_check_interval`` rollout batches: PPO, GSPO and CISPO take two optimizer steps per
+batch, so with ``--steps N`` they need ``--val-every`` at most N/2 to validate after step 0, and
+the table's "steps" column is the last validation's rollout batch for them (training steps for
+the rest). Distillation (configs/distill.yaml)
 is left out: it needs a teacher model per family, and only addition has one.
 
 Families (``FAMILIES``): ``addition`` (the configs as they are: ArithmeticTask from
@@ -111,9 +115,8 @@ def runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
 
 
 def train_all(out: Path, args: argparse.Namespace) -> None:
-    for algorithm in args.algorithms:  # one algorithm at a time: run_all's skip check knows one step budget
-        todo = [(run_name(a, f, s), base_config(a), run_config(out, a, f, s, args)) for a, f, s in runs(args) if a == algorithm]
-        run_all(out, todo, max_steps(algorithm, args), args.jobs, args.threads)
+    todo = [(run_name(a, f, s), base_config(a), run_config(out, a, f, s, args), max_steps(a, args)) for a, f, s in runs(args)]
+    run_all(out, todo, args.jobs, args.threads)
 
 
 def collect(out: Path, args: argparse.Namespace) -> dict:
@@ -122,8 +125,11 @@ def collect(out: Path, args: argparse.Namespace) -> dict:
     for algorithm, family, seed in runs(args):
         name = run_name(algorithm, family, seed)
         curve = accuracy_curve(log_dir(out, name))
-        if not done_marker(out, name).exists() or 0 not in curve or len(curve) < 2:
+        if not done_marker(out, name).exists() or 0 not in curve:
             print(f"  {name}: incomplete, left out", flush=True)
+            continue
+        if len(curve) < 2:
+            print(f"  {name}: no validation after step 0 (--val-every counts rollout batches), left out", flush=True)
             continue
         results["curves"].setdefault(algorithm, {}).setdefault(family, {})[str(seed)] = {str(k): v for k, v in sorted(curve.items())}
     return results

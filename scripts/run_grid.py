@@ -82,13 +82,13 @@ def launch(out: Path, name: str, base: Path, config: dict, steps: int, threads: 
     return name, time.perf_counter() - began, code
 
 
-def run_all(out: Path, todo: list[tuple[str, Path, dict]], steps: int, jobs: int, threads: int) -> dict[str, int]:
-    """Launch every (name, base config, override) ``jobs`` at a time, printing each outcome;
-    {name: exit code}."""
+def run_all(out: Path, todo: list[tuple[str, Path, dict, int]], jobs: int, threads: int) -> dict[str, int]:
+    """Launch every (name, base config, override, max_steps) ``jobs`` at a time, printing each
+    outcome; {name: exit code}."""
     print(f"{len(todo)} runs, {jobs} at a time, logs under {out}", flush=True)
     codes = {}
     with ThreadPoolExecutor(jobs) as pool:
-        for name, seconds, code in pool.map(lambda run: launch(out, *run, steps, threads), todo):
+        for name, seconds, code in pool.map(lambda run: launch(out, *run, threads), todo):
             status = "done before" if seconds == 0 else f"{'ok' if code == 0 else f'FAILED ({code})'} in {seconds / 60:.1f} min"
             print(f"  {name}: {status}", flush=True)
             codes[name] = code
