@@ -39,15 +39,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from run_grid import ROOT, accuracy_curve, finished, logger_config, read_scalars, run_all, start_end_change
+from run_grid import log_dir as run_log_dir
 BASE_CONFIG = ROOT / "configs" / "grape.yaml"
 QUESTIONS = {
     "correct": "Is the response the correct result of the arithmetic in the prompt?",
@@ -119,74 +115,30 @@ def run_config(out: Path, critic: str, arm: str, seed: int, args: argparse.Names
             "val_check_interval": args.val_every,
             "accelerator": args.accelerator,
             "enable_checkpointing": False,
-            "logger": {"init_args": {"save_dir": str(out / "runs"), "name": run_name(critic, arm, seed), "version": 0}},
+            "logger": logger_config(out, run_name(critic, arm, seed)),
             "callbacks": [{"class_path": "grape_lightning.callbacks.RunSummary"}],
         },
         "model": {"init_args": model},
     }
 
 
-def read_scalars(log_dir: Path, prefix: str) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} of the scalars under ``prefix`` in a run's TensorBoard logs."""
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
-    events = EventAccumulator(str(log_dir), size_guidance={SCALARS: 0})
-    events.Reload()
-    return {
-        tag: {event.step: float(event.value) for event in events.Scalars(tag)}
-        for tag in events.Tags()[SCALARS] if tag.startswith(prefix)
-    }
-
-
-def accuracy_curve(log_dir: Path) -> dict[int, float]:
-    """{training steps done: held-out accuracy}. The initial policy is logged at step 0; Lightning
-    logs a validation at the index of the training batch it follows (149 for the one after 150
-    steps), so those points move one step on."""
-    if not any(log_dir.glob("events.out.tfevents.*")):
-        return {}
-    logged = read_scalars(log_dir, "val/accuracy").get("val/accuracy", {})
-    return {step + 1 if step > 0 else 0: value for step, value in sorted(logged.items())}
-
-
-def finished(log_dir: Path, steps: int) -> bool:
-    return steps in accuracy_curve(log_dir)
-
-
-def launch(out: Path, critic: str, arm: str, seed: int, args: argparse.Namespace) -> tuple[str, float, int]:
-    name = run_name(critic, arm, seed)
-    log_dir = out / "runs" / name / "version_0"
-    if finished(log_dir, args.steps):
-        return name, 0.0, 0
-    config = out / "configs" / f"{name}.yaml"
-    config.write_text(json.dumps(run_config(out, critic, arm, seed, args), indent=1) + "\n")  # JSON is YAML
-    began = time.perf_counter()
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
-    with (out / "logs" / f"{name}.log").open("w") as log:
-        code = subprocess.run(
-            [sys.executable, "-m", "grape_lightning.cli", "fit", "--config", str(BASE_CONFIG), "--config", str(config)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        ).returncode
-    return name, time.perf_counter() - began, code
+def launch(out: Path, critic: str, arm: str, seed: int, args: argparse.Namespace) -> tuple[str, Path, dict, int]:
+    return run_name(critic, arm, seed), BASE_CONFIG, run_config(out, critic, arm, seed, args), args.steps
 
 
 def train_all(out: Path, args: argparse.Namespace) -> None:
-    for sub in ("rubrics", "configs", "logs", "runs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    (out / "rubrics").mkdir(parents=True, exist_ok=True)
     (out / "rubrics" / "judged.yaml").write_text(json.dumps(JUDGED_RUBRIC, indent=1) + "\n")
     (out / "rubrics" / "verified.yaml").write_text(json.dumps(VERIFIED_RUBRIC, indent=1) + "\n")
-    todo = runs(args.critics, args.arms, args.seeds)
-    print(f"{len(todo)} runs, {args.jobs} at a time, logs under {out}", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for name, seconds, code in pool.map(lambda run: launch(out, *run, args), todo):
-            status = "done before" if seconds == 0 else f"{'ok' if code == 0 else f'FAILED ({code})'} in {seconds / 60:.1f} min"
-            print(f"  {name}: {status}", flush=True)
+    todo = [launch(out, *run, args) for run in runs(args.critics, args.arms, args.seeds)]
+    run_all(out, todo, args.jobs, args.threads)
 
 
 def collect(out: Path, args: argparse.Namespace) -> dict:
     """Per (critic, arm): the held-out accuracy curve of every seed, and the item weights' shares."""
     results: dict = {"steps": args.steps, "seeds": args.seeds, "curves": {}, "reward_shares": {}}
     for critic, arm, seed in runs(args.critics, args.arms, args.seeds):
-        log_dir = out / "runs" / run_name(critic, arm, seed) / "version_0"
+        log_dir = run_log_dir(out, run_name(critic, arm, seed))
         if not finished(log_dir, args.steps):
             print(f"  {run_name(critic, arm, seed)}: incomplete, left out", flush=True)
             continue
@@ -200,28 +152,19 @@ def collect(out: Path, args: argparse.Namespace) -> dict:
     return results
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def table(results: dict) -> str:
     """Markdown: per critic and arm, held-out accuracy at the start and the end (mean +- sd over
     seeds) and the mean reward share of the ``correct`` item."""
-    last = str(results["steps"])
     lines = [
         "| critic | arm | seeds | accuracy at step 0 | accuracy at the end | change | `correct`'s share of the reward |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, curves in results["curves"].items():
         critic, arm = ("-", "grpo_verifier") if key == "verifier" else key.split("/")
-        start = [curve["0"] for curve in curves.values()]
-        end = [curve[last] for curve in curves.values()]
-        change = [e - s for s, e in zip(start, end)]
         shares = [s["correct"] for s in results["reward_shares"].get(key, {}).values() if "correct" in s]
         share = f"{statistics.fmean(shares):.2f}" if shares else "-"
-        (s0, s0d), (s1, s1d), (dc, dcd) = mean_sd(start), mean_sd(end), mean_sd(change)
-        lines.append(f"| {critic} | {ARM_LABELS[arm]} | {len(curves)} | {s0:.3f} +- {s0d:.3f} | {s1:.3f} +- {s1d:.3f} | "
-                     f"{dc:+.3f} +- {dcd:.3f} | {share} |")
+        seeds, start, end, change = start_end_change(curves, results["steps"])
+        lines.append(f"| {critic} | {ARM_LABELS[arm]} | {seeds} | {start} | {end} | {change} | {share} |")
     return "\n".join(lines)
 
 
