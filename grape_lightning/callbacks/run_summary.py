@@ -9,9 +9,9 @@ from lightning.pytorch.utilities import rank_zero_info
 class RunSummary(L.Callback):
     """At the end of ``fit``: validation ``metric`` of the initial policy (logged at step 0 by the
     on-policy modules, and for SFT and DPO by :class:`GreedyTaskAccuracy`) and of the final one,
-    the wall time, the TensorBoard log directory, and the failure signatures of
-    :mod:`grape_lightning.diagnostics` that the run's ``train/`` metrics show (each also logged as
-    ``diagnostics/<signature>`` = 1 or 0).
+    the wall time, the TensorBoard log directory, and the failure signatures that the run's
+    ``train/`` metrics show (:mod:`grape_lightning.diagnostics`), each also logged as
+    ``diagnostics/<signature>``, 1 where it fired and 0 where not.
 
     Args:
         metric: validation metric reported before and after training.
