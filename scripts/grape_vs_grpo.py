@@ -42,7 +42,9 @@ import json
 import statistics
 from pathlib import Path
 
-from run_grid import ROOT, accuracy_curve, finished, logger_config, read_scalars, run_all, start_end_change
+from run_grid import (
+    ROOT, accuracy_curve, add_grid_arguments, finished, logger_config, read_scalars, run_all, start_end_change, write_results,
+)
 from run_grid import log_dir as run_log_dir
 BASE_CONFIG = ROOT / "configs" / "grape.yaml"
 QUESTIONS = {
@@ -198,26 +200,19 @@ def plot(results: dict, path: Path, critics: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/grape_vs_grpo"), help="run configs, logs and TensorBoard runs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_grid_arguments(parser, "grape_vs_grpo")
     parser.add_argument("--critics", nargs="+", choices=list(CRITICS), default=list(CRITICS))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--val-every", type=int, default=25)
-    parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each run")
-    parser.add_argument("--report-only", action="store_true", help="only read the runs already made")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "grape_vs_grpo_table.md")
-    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "grape_vs_grpo.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "grape_vs_grpo.png")
     args = parser.parse_args()
     out = args.out.resolve()
     if not args.report_only:
         train_all(out, args)
     results = collect(out, args)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(results, indent=1) + "\n")
+    write_results(args.results, results)
     text = table(results)
     args.report.write_text(text + "\n")
     print(text)

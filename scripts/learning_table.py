@@ -33,13 +33,14 @@ curves to ``--results`` (JSON).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import yaml
 
-from run_grid import ROOT, accuracy_curve, done_marker, log_dir, logger_config, run_all, start_end_change
+from run_grid import (
+    ROOT, accuracy_curve, add_grid_arguments, done_marker, log_dir, logger_config, run_all, start_end_change, write_results,
+)
 
 ALGORITHMS = ["grpo", "grape", "reinforce", "rloo", "reinforce_pp", "ppo", "trpo", "rejection_sampling", "gspo", "cispo", "dapo"]
 TASKS = "grape_lightning.data.tasks."
@@ -150,25 +151,18 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/learning_table"), help="run configs, logs and TensorBoard runs")
+    add_grid_arguments(parser, "learning_table")
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=ALGORITHMS)
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="max_steps of every run (default: each config's)")
     parser.add_argument("--val-every", type=int, default=None, help="val_check_interval of every run (default: each config's)")
-    parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each run")
-    parser.add_argument("--report-only", action="store_true", help="only read the runs already made")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "learning_table.md")
-    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "learning_table.json")
     args = parser.parse_args()
     out = args.out.resolve()
     if not args.report_only:
         train_all(out, args)
     results = collect(out, args)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(results, indent=1) + "\n")
+    write_results(args.results, results)
     text = table(results)
     args.report.write_text("# Learning table\n\nMade by `python scripts/learning_table.py " + " ".join(sys.argv[1:]) + "`: held-out greedy "
                            "accuracy (200 prompts) at step 0 and at the last validation, mean +- sd over seeds.\n\n" + text + "\n")

@@ -9,6 +9,7 @@ deviation over seeds. scripts/grape_vs_grpo.py and scripts/learning_table.py are
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -106,3 +107,21 @@ def start_end_change(curves: dict, steps: int) -> tuple[int, str, str, str]:
     change = [e - s for s, e in zip(start, end)]
     (s0, s0d), (s1, s1d), (dc, dcd) = mean_sd(start), mean_sd(end), mean_sd(change)
     return len(curves), f"{s0:.3f} +- {s0d:.3f}", f"{s1:.3f} +- {s1d:.3f}", f"{dc:+.3f} +- {dcd:.3f}"
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every grid shares: where its runs go, how many at a time, and where the
+    report (docs/<name>_table.md or docs/<name>.md, given by the caller) and the curves
+    (docs/<name>.json) are written."""
+    parser.add_argument("--out", type=Path, default=Path("runs") / name, help="run configs, logs and TensorBoard runs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each run")
+    parser.add_argument("--report-only", action="store_true", help="only read the runs already made")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / f"{name}.json")
+
+
+def write_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
