@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
 
 class RunSummary(L.Callback):
@@ -20,7 +22,7 @@ class RunSummary(L.Callback):
     def __init__(self, metric: str = "val/accuracy") -> None:
         self.metric = metric
         self._start_time = 0.0
-        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.history: dict[str, list[tuple[int, Tensor]]] = {}  # per train/ metric: (step, its 0-d value)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import time
@@ -29,10 +31,12 @@ class RunSummary(L.Callback):
         self.history = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        # the step's values, as the module logged them (on_step): the signatures need their history
+        # the step's values, as the module logged them (on_step): the signatures need their history.
+        # Kept as tensors where they are, so a GPU run does not wait for the device every step;
+        # they are read once, at the end.
         for name, value in trainer.callback_metrics.items():
             if name.startswith("train/") and value.numel() == 1:
-                self.history.setdefault(name, []).append((trainer.global_step, float(value)))
+                self.history.setdefault(name, []).append((trainer.global_step, value.detach().reshape(()).clone()))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import time
@@ -45,8 +49,12 @@ class RunSummary(L.Callback):
         parts.append(f"after {float(after):.3f}" if after is not None else "after n/a")
         from grape_lightning.diagnostics import failure_flags
 
-        flags = failure_flags(self.history)
-        if self.history and trainer.logger is not None:
+        history = {
+            name: list(zip((step for step, _ in values), torch.stack([value for _, value in values]).double().tolist()))
+            for name, values in self.history.items()
+        }
+        flags = failure_flags(history)
+        if history and trainer.logger is not None:
             trainer.logger.log_metrics({f"diagnostics/{k}": float(v is not None) for k, v in flags.items()}, step=trainer.global_step)
         warnings = "".join(f"\nWARNING {name}: {flag}" for name, flag in flags.items() if flag is not None)
         rank_zero_info(
