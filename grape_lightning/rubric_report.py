@@ -31,6 +31,7 @@ import yaml
 
 from grape_lightning.rewards.rubric import Rubric, RubricError, load_rubric
 from grape_lightning.rewards.rubric_table import MIN_CONFIDENCE, MIN_SPREAD, PerItem, item_flags, mean_over_steps, rubric_table
+from grape_lightning.run_logs import read_scalars
 
 RUBRIC_REPORT_HELP = "Print what each rubric item of a GRAPE run did and write a rubric with suggested weights."
 _PREFIX = "rubric/"
@@ -44,8 +45,6 @@ def read_item_metrics(run_dir: str | Path) -> list[dict[str, dict[str, float]]]:
     """Per logged step (in step order), ``{item key: {statistic: value}}`` from the TensorBoard
     event files directly in ``run_dir`` (every file, so a resumed run's too; a step logged twice
     keeps its last value)."""
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirectoryError(f"{run_dir}: no such run directory")
@@ -54,15 +53,13 @@ def read_item_metrics(run_dir: str | Path) -> list[dict[str, dict[str, float]]]:
             f"{run_dir}: no TensorBoard event files (events.out.tfevents.*); give the directory of one run, "
             "such as runs/grape/version_0"
         )
-    events = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})
-    events.Reload()
     steps: dict[int, dict[str, dict[str, float]]] = {}
-    for tag in events.Tags()[SCALARS]:
-        if not tag.startswith(_PREFIX) or tag.count("/") < 3:
+    for tag, values in read_scalars(run_dir, _PREFIX).items():
+        if tag.count("/") < 3:
             continue
         key, name = tag[len(_PREFIX):].rsplit("/", 1)
-        for event in events.Scalars(tag):
-            steps.setdefault(event.step, {}).setdefault(key, {})[name] = float(event.value)
+        for step, value in values.items():
+            steps.setdefault(step, {}).setdefault(key, {})[name] = value
     if not steps:
         raise RunDirectoryError(
             f"{run_dir}: the event files hold no rubric/<category>/<item>/... metrics (not a GRAPE run, or no training "

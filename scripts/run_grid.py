@@ -19,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from grape_lightning.run_logs import read_scalars
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,18 +31,6 @@ def log_dir(out: Path, name: str) -> Path:
 def logger_config(out: Path, name: str) -> dict:
     """The trainer's logger settings that put a run's logs where :func:`log_dir` reads them."""
     return {"init_args": {"save_dir": str(out / "runs"), "name": name, "version": 0}}
-
-
-def read_scalars(log_dir: Path, prefix: str) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} of the scalars under ``prefix`` in a run's TensorBoard logs."""
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
-    events = EventAccumulator(str(log_dir), size_guidance={SCALARS: 0})
-    events.Reload()
-    return {
-        tag: {event.step: float(event.value) for event in events.Scalars(tag)}
-        for tag in events.Tags()[SCALARS] if tag.startswith(prefix)
-    }
 
 
 def accuracy_curve(log_dir: Path) -> dict[int, float]:
