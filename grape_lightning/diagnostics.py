@@ -1,7 +1,8 @@
 """End-of-run failure signatures of an on-policy run, read from its per-step metric history.
 
 A history maps a logged metric name (``train/tied_groups``, ``train/reward``, ``train/entropy``,
-``train/kl``, ``train/clip_fraction_low``/``_high``) to its ``(step, value)`` pairs. Each
+``train/kl``, ``train/clip_fraction_low``/``_high``, ``train/update_steps``, ``train/response_length``)
+to its ``(step, value)`` pairs. Each
 signature is one function that returns a one-line flag (cause and the knob to turn) or ``None``;
 a metric the run did not log never fires a flag.
 """
@@ -26,6 +27,8 @@ class Thresholds:
         kl_max: mean ``train/kl`` over the later quarter above which KL ran away.
         clip_min: mean clip fraction (low + high) over the run below which nothing clipped.
         reward_rise: a rise of mean reward (later half minus first half) below this is flat.
+        length_factor: mean response length over the later quarter more than this many times the
+            first tenth's, or less than its inverse, counts as drift.
     """
 
     tied_share: float = 0.8
@@ -33,6 +36,7 @@ class Thresholds:
     kl_max: float = 1.0
     clip_min: float = 1e-4
     reward_rise: float = 0.01
+    length_factor: float = 2.0
 
 
 def _values(history: History, name: str) -> list[float]:
@@ -80,6 +84,9 @@ def no_clipping(history: History, t: Thresholds = Thresholds()) -> str | None:
     low, high = _values(history, "train/clip_fraction_low"), _values(history, "train/clip_fraction_high")
     if not low and not high:
         return None
+    updates = _values(history, "train/update_steps")
+    if updates and fmean(updates) <= 1:  # one step per batch: the ratio is exactly 1, nothing can clip
+        return None
     clipped = fmean(low) if low else 0.0
     clipped += fmean(high) if high else 0.0
     if clipped >= t.clip_min or not _reward_flat(history, t):
@@ -88,11 +95,25 @@ def no_clipping(history: History, t: Thresholds = Thresholds()) -> str | None:
             "raise lr or the number of update iterations")
 
 
+def length_drift(history: History, t: Thresholds = Thresholds()) -> str | None:
+    values = _values(history, "train/response_length")
+    if len(values) < 4:
+        return None
+    first, last = fmean(values[: max(1, len(values) // 10)]), fmean(_tail(values, 0.25))
+    if first <= 0 or 1 / t.length_factor <= last / first <= t.length_factor or not _reward_flat(history, t):
+        return None
+    direction = "grew" if last > first else "shrank"
+    return (f"response length {direction} from {first:.1f} to {last:.1f} tokens with reward flat: the policy is "
+            "changing its length, not its answers; check that max_new_tokens fits the answers, and add a length "
+            "penalty (OverlongPunishment) or lower lr")
+
+
 SIGNATURES: dict[str, Callable[[History, Thresholds], str | None]] = {
     "tied_groups": tied_groups,
     "entropy_collapse": entropy_collapse,
     "kl_runaway": kl_runaway,
     "no_clipping": no_clipping,
+    "length_drift": length_drift,
 }
 
 

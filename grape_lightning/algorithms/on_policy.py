@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from grape_lightning.advantages import group_statistics
 from grape_lightning.algorithms.base import PolicyModule, as_dataclass
 from grape_lightning.algorithms.optim import OptimizerConfig
 from grape_lightning.models.spec import ModelSpec
@@ -373,6 +374,8 @@ class OnPolicyModule(PolicyModule):
             self.log(f"{stage}/accuracy", rollout.correct.float().mean(), prog_bar=stage == "val", **log)
         if on_step and rollout.statistics:
             self.log_metrics(rollout.statistics, prefix="")
+        if on_step:
+            self._log_tied_groups(rollout, log)
         self.log(f"{stage}/invalid_rewards", (~rollout.valid).float().sum(), reduce_fx="sum", **{**log, "batch_size": 1})
         self.log(f"{stage}/response_length", rollout.response_lengths.float().mean(), **log)
         if on_step:
@@ -383,6 +386,17 @@ class OnPolicyModule(PolicyModule):
                 {"prompt": p, "response": r, "reward": float(w), **extra}
                 for p, r, w, extra in zip(rollout.prompts, rollout.responses, rollout.rewards.tolist(), details)
             ]
+
+    def _log_tied_groups(self, rollout: Rollout, log: dict[str, Any]) -> None:
+        """``train/tied_groups``: the share of sampled groups (of two or more valid responses, over
+        every process) whose rewards all tie, so that every group-relative baseline gives them zero
+        advantage. Logged for every algorithm, as it is the first thing to read when nothing learns."""
+        stats = group_statistics(rollout.rewards, rollout.groups, rollout.valid)
+        scored = stats.count >= 2
+        totals = torch.stack([(stats.tied & scored).sum(), scored.sum()]).double()
+        tied, groups = self.sum_across_processes(totals).tolist()
+        if groups:
+            self.log("train/tied_groups", tied / groups, **log)
 
     def _log_mismatch(self, rollout: Rollout) -> None:
         """The sampler/trainer mismatch over the valid sampled tokens of every process, whenever

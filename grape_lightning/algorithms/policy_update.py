@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from grape_lightning.advantages import group_statistics
 from grape_lightning.algorithms.update_loop import LossOutput, run_update
 from grape_lightning.models.logprobs import TokenLogprobs
 from grape_lightning.rollout.batch import Rollout
@@ -84,14 +83,12 @@ def ratio_loss_pass(
     return linear_loss_pass(module, inputs, lambda logprobs: ratio_loss(logprobs, logprobs.detach()))
 
 
-def advantage_statistics(module: OnPolicyModule, rollout: Rollout, advantages: Tensor, tied: Tensor) -> dict[str, float]:
-    """``tied_groups`` (the share of groups whose rewards all tie: zero advantages) and
-    ``advantage_abs_mean`` (over the valid rows), both over every process."""
-    totals = torch.stack([
-        tied.sum(), torch.tensor(tied.numel(), device=tied.device), advantages[rollout.valid].abs().sum(), rollout.valid.sum(),
-    ])
-    tied_count, group_count, advantage_abs, valid_count = module.sum_across_processes(totals.double()).tolist()
-    return {"tied_groups": tied_count / max(group_count, 1.0), "advantage_abs_mean": advantage_abs / max(valid_count, 1.0)}
+def advantage_statistics(module: OnPolicyModule, rollout: Rollout, advantages: Tensor) -> dict[str, float]:
+    """``advantage_abs_mean`` over the valid rows of every process (the share of tied groups is
+    logged with the rollout, for every algorithm)."""
+    totals = torch.stack([advantages[rollout.valid].abs().sum(), rollout.valid.sum()])
+    advantage_abs, valid_count = module.sum_across_processes(totals.double()).tolist()
+    return {"advantage_abs_mean": advantage_abs / max(valid_count, 1.0)}
 
 
 def policy_update(module: OnPolicyModule, rollout: Rollout, advantages: Tensor, loss: PolicyLoss) -> dict[str, float]:
@@ -117,5 +114,4 @@ def policy_update(module: OnPolicyModule, rollout: Rollout, advantages: Tensor, 
         return LossOutput(value, terms={"policy_loss": metrics.pop("policy_loss")}, means=metrics, weight=tokens)
 
     metrics = run_update(module, valid.nonzero().flatten(), module.update_config, normalisers, micro_loss)
-    tied = group_statistics(rollout.rewards, rollout.groups, rollout.valid).tied
-    return {**metrics, **advantage_statistics(module, rollout, advantages, tied)}
+    return {**metrics, **advantage_statistics(module, rollout, advantages)}

@@ -105,4 +105,4 @@ def surrogate_update(
 
     rows = trained.nonzero().flatten()
     metrics = run_update(module, rows, module.update_config, normalisers, micro_loss)
-    return {**metrics, **advantage_statistics(module, rollout, advantages, tied)}
+    return {**metrics, **advantage_statistics(module, rollout, advantages)}

@@ -85,3 +85,35 @@ def test_the_script_trains_reports_and_resumes(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and "grpo-sort-seed0: done before" in again.stdout
     assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_a_sweep_runs_the_product_of_its_settings_where_the_config_has_them(tmp_path):
+    args = _args(algorithms=["grpo", "trpo"], families=["sort"], seeds=[0], sweep=["lr=1e-4,2e-4", "group_size=8,16"])
+    runs = learning_table.runs(args)
+    assert [(a, s) for a, _, s, _ in runs] == [  # TRPO has no lr (its step is bounded by max_kl): left out
+        ("grpo", (("lr", "1e-4"), ("group_size", "8"))), ("grpo", (("lr", "1e-4"), ("group_size", "16"))),
+        ("grpo", (("lr", "2e-4"), ("group_size", "8"))), ("grpo", (("lr", "2e-4"), ("group_size", "16"))),
+    ]
+    setting = (("lr", "2e-4"), ("group_size", "16"), ("temperature", "0.7"), ("policy", "some/dir/wp800"))
+    config = learning_table.run_config(tmp_path, "grpo", "word_problem", 1, _args(), setting)
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert model["optimizer"]["lr"] == 2e-4 and data["group_size"] == 16 and model["sampling"]["temperature"] == 0.7
+    assert model["sampling"]["max_new_tokens"] == 4  # the family's, kept beside the swept temperature
+    assert model["policy"]["name_or_path"] == "some/dir/wp800" and data["task"]["class_path"].endswith("WordProblemTask")
+    name = config["trainer"]["logger"]["init_args"]["name"]
+    assert name == "grpo-word_problem-lr2e-4-group_size16-temperature0.7-policywp800-seed1"
+    with pytest.raises(SystemExit, match="NAME=V1,V2"):
+        learning_table.parse_sweep(["learning_rate=1e-4"])
+
+
+def test_runs_made_elsewhere_merge_into_the_report_and_local_runs_win():
+    elsewhere = {"seeds": [0, 1], "curves": {"grpo": {"sort": {"0": {"0": 0.4, "150": 0.6}, "1": {"0": 0.4, "150": 0.7}}},
+                                            "ppo": {"sort": {"0": {"0": 0.4, "100": 0.5}}}}}
+    here = {"seeds": [1, 2], "curves": {"grpo": {"sort": {"1": {"0": 0.4, "150": 0.5}, "2": {"0": 0.4, "150": 0.8}}}}}
+    results = learning_table.merged(elsewhere, here)
+    assert results["seeds"] == [0, 1, 2]
+    assert results["curves"]["grpo"]["sort"] == {"0": {"0": 0.4, "150": 0.6}, "1": {"0": 0.4, "150": 0.5}, "2": {"0": 0.4, "150": 0.8}}
+    assert results["curves"]["ppo"]["sort"] == {"0": {"0": 0.4, "100": 0.5}}
+    rows = learning_table.change_table(results).splitlines()
+    assert rows[0] == "| algorithm | sort |"
+    assert rows[2] == "| grpo | +0.233 +- 0.153 |" and rows[3] == "| ppo | +0.100 +- 0.000 |"
