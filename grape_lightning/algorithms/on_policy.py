@@ -375,7 +375,7 @@ class OnPolicyModule(PolicyModule):
         if on_step and rollout.statistics:
             self.log_metrics(rollout.statistics, prefix="")
         if on_step:
-            self._log_tied_groups(rollout, log)
+            self._log_group_spread(rollout, log)
         self.log(f"{stage}/invalid_rewards", (~rollout.valid).float().sum(), reduce_fx="sum", **{**log, "batch_size": 1})
         self.log(f"{stage}/response_length", rollout.response_lengths.float().mean(), **log)
         if on_step:
@@ -387,16 +387,19 @@ class OnPolicyModule(PolicyModule):
                 for p, r, w, extra in zip(rollout.prompts, rollout.responses, rollout.rewards.tolist(), details)
             ]
 
-    def _log_tied_groups(self, rollout: Rollout, log: dict[str, Any]) -> None:
-        """``train/tied_groups``: the share of sampled groups (of two or more valid responses, over
-        every process) whose rewards all tie, so that every group-relative baseline gives them zero
-        advantage. Logged for every algorithm, as it is the first thing to read when nothing learns."""
+    def _log_group_spread(self, rollout: Rollout, log: dict[str, Any]) -> None:
+        """Over the sampled groups of two or more valid responses, on every process:
+        ``train/tied_groups``, the share whose rewards all tie, so that every group-relative
+        baseline gives them zero advantage, and ``train/group_reward_std``, the mean reward std
+        within a group (the signal a group baseline leaves). Logged for every algorithm, as they
+        are the first thing to read when nothing learns."""
         stats = group_statistics(rollout.rewards, rollout.groups, rollout.valid)
         scored = stats.count >= 2
-        totals = torch.stack([(stats.tied & scored).sum(), scored.sum()]).double()
-        tied, groups = self.sum_across_processes(totals).tolist()
+        totals = torch.stack([(stats.tied & scored).sum(), stats.std[scored].sum(), scored.sum()]).double()
+        tied, spread, groups = self.sum_across_processes(totals).tolist()
         if groups:
             self.log("train/tied_groups", tied / groups, **log)
+            self.log("train/group_reward_std", spread / groups, **log)
 
     def _log_mismatch(self, rollout: Rollout) -> None:
         """The sampler/trainer mismatch over the valid sampled tokens of every process, whenever

@@ -162,7 +162,7 @@ def local_model(tmp_path_factory) -> Path:
 
 CONFIGS = sorted(path.stem for path in (ROOT / "configs").glob("*.yaml"))
 ON_POLICY = {*RL_TAGS, "grape"}
-RL_COMMON_TAGS = {"train/reward", "train/reward_std", "train/tied_groups", "train/reward/numeric_match", "train/response_length",
+RL_COMMON_TAGS = {"train/reward", "train/reward_std", "train/tied_groups", "train/group_reward_std", "train/reward/numeric_match", "train/response_length",
                   "train/generation_tokens_per_s", "train/invalid_rewards", "val/accuracy", "val/reward"}
 TAGS = {
     **{algorithm: RL_COMMON_TAGS | tags for algorithm, tags in RL_TAGS.items()},
