@@ -24,7 +24,9 @@ class Thresholds:
         tied_share: mean ``train/tied_groups`` over the run's later half above which groups tie.
         entropy_fraction: final mean entropy (later quarter) below this fraction of the first
             step's entropy counts as collapsed.
-        kl_max: mean ``train/kl`` over the later quarter above which KL ran away.
+        kl_max: mean ``train/kl`` over the later quarter above which KL ran away. Runs that
+            learned 17 points on sorting reached 1.16 (a KL summed over 5 to 8 response tokens),
+            so 1.0 flagged healthy runs.
         clip_min: mean clip fraction (low + high) over the run below which nothing clipped.
         reward_rise: a rise of mean reward (later half minus first half) below this is flat.
         length_factor: mean response length over the later quarter more than this many times the
@@ -33,7 +35,7 @@ class Thresholds:
 
     tied_share: float = 0.8
     entropy_fraction: float = 0.1
-    kl_max: float = 1.0
+    kl_max: float = 3.0
     clip_min: float = 1e-4
     reward_rise: float = 0.01
     length_factor: float = 2.0

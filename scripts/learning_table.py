@@ -266,7 +266,9 @@ def main() -> None:
     text = change_table(results) + "\n\n" + table(results)
     args.report.write_text("# " + ("Sensitivity sweep" if args.sweep else "Learning table") + "\n\nMade by `python scripts/learning_table.py "
                            + " ".join(sys.argv[1:]) + "`: held-out greedy accuracy (200 prompts) at step 0 and at the last validation, "
-                           "mean +- sd over seeds; first its change per family, then each family's numbers.\n\n" + text + "\n")
+                           "mean +- sd over seeds; first its change per family, then each family's numbers."
+                           + (" Runs not under --out were merged from " + ", ".join(f"`{p}`" for p in args.include)
+                              + " (made on another machine)." if args.include else "") + "\n\n" + text + "\n")
     print(text)
     print(f"wrote {args.report} and {args.results}")
 
