@@ -117,3 +117,28 @@ def test_runs_made_elsewhere_merge_into_the_report_and_local_runs_win():
     rows = learning_table.change_table(results).splitlines()
     assert rows[0] == "| algorithm | sort |"
     assert rows[2] == "| grpo | +0.233 +- 0.153 |" and rows[3] == "| ppo | +0.100 +- 0.000 |"
+
+
+def test_a_sweep_trains_each_setting_and_merges_runs_made_elsewhere(tmp_path):
+    """The sweep through the real script: one run per setting, named by it, with its value in the
+    run's config; a results file from another machine fills the report beside it."""
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"seeds": [1], "curves": {"grpo temperature=0.7": {"sort": {"1": {"0": 0.425, "2": 0.5}}}}}))
+    command = [
+        sys.executable, str(ROOT / "scripts" / "learning_table.py"), "--out", str(tmp_path / "out"), "--seeds", "0",
+        "--algorithms", "grpo", "--families", "sort", "--steps", "2", "--val-every", "2", "--sweep", "temperature=0.7,1.0",
+        "--include", str(elsewhere), "--report", str(tmp_path / "sweep.md"), "--results", str(tmp_path / "sweep.json"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for temperature in ("0.7", "1.0"):
+        assert f"grpo-sort-temperature{temperature}-seed0: ok" in done.stdout
+        config = json.loads((tmp_path / "out" / "configs" / f"grpo-sort-temperature{temperature}-seed0.yaml").read_text())
+        assert config["model"]["init_args"]["sampling"] == {"max_new_tokens": 8, "temperature": float(temperature)}
+    results = json.loads((tmp_path / "sweep.json").read_text())
+    assert results["seeds"] == [0, 1]
+    assert set(results["curves"]["grpo temperature=0.7"]["sort"]) == {"0", "1"}  # this machine's seed 0 and the other's seed 1
+    assert set(results["curves"]["grpo temperature=1.0"]["sort"]) == {"0"}
+    report = (tmp_path / "sweep.md").read_text()
+    assert report.startswith("# Sensitivity sweep") and f"`{elsewhere}` (made on another machine)" in report
+    assert "| grpo temperature=0.7 | sort | 2 | 2 | 0.425 +- 0.000 |" in report

@@ -371,7 +371,8 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
         "grpo": ("train/kl", "train/policy_loss", "train/tied_groups", "train/advantage_abs_mean"),
         "grpo_tied": ("train/kl", "train/policy_loss"),
         "grape": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy") + GRAPE_ITEM_METRICS,
-        "reinforce": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
+        "reinforce": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy", "train/tied_groups",
+                      "train/group_reward_std"),
         "reinforce_pp": ("train/kl", "train/policy_loss", "train/advantage_abs_mean", "train/entropy"),
         "grpo_tis": ("train/kl", "train/policy_loss", "train/mismatch_kl", "train/mismatch_ratio_max", "train/mismatch_abs_max",
                      "train/mismatch_corrected"),
@@ -380,8 +381,9 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(algorit
         "dapo": ("train/kl", "train/policy_loss", "train/entropy", "train/clip_fraction_high") + tuple(
             f"train/dynamic_sampling/{name}" for name in ("rounds", "prompts_generated", "kept_groups", "filled_groups", "sampled_reward")),
         "cispo": ("train/policy_loss", "train/tied_groups", "train/advantage_abs_mean", "train/entropy", "train/clip_fraction_high", "train/ratio_mean"),
-        "rejection_sampling": ("train/nll", "train/kept_fraction", "train/kept_reward"),
-        "trpo": ("train/kl_after_step", "train/surrogate_improvement", "train/cg_residual", "train/advantage_abs_mean"),
+        "rejection_sampling": ("train/nll", "train/kept_fraction", "train/kept_reward", "train/tied_groups", "train/group_reward_std"),
+        "trpo": ("train/kl_after_step", "train/surrogate_improvement", "train/cg_residual", "train/advantage_abs_mean",
+                 "train/tied_groups", "train/group_reward_std"),
         "ppo": ("train/kl", "train/kl_coef", "train/reward_scale", "train/advantage_std", "train/value_loss"),
     }
     for name in checked.get(algorithm, ()):
